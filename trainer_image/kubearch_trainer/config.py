@@ -1,0 +1,296 @@
+"""The trainer's configuration: one pydantic model shared by the CLI, YAML files and the operator.
+
+Why here and why so plain: the operator builds the TrainingRun CRD schema from these classes and
+validates specs with them, so this module must import neither torch nor kopf. Every field has a
+camelCase alias (the Kubernetes convention: ``nprocPerNode``) and accepts its snake_case name too,
+so the same YAML works as a trainer ``--config`` file and as a TrainingRun's ``spec``.
+
+An invalid value fails here, before any work starts, with a message that names the field and the
+allowed values (see :func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+# --------------------------------------------------------------------------------------------
+# Vocabularies. Kept as tuples so the CLI (choices=...), the CRD (enum) and the validators agree.
+# --------------------------------------------------------------------------------------------
+SEQUENCE_ARCHITECTURES = ("dense", "mamba", "moe", "hybrid")
+VAE_ARCHITECTURES = ("vae", "beta_vae", "vq_vae", "hierarchical_vae")
+DIFFUSION_ARCHITECTURES = ("ddpm", "latent_diffusion")
+RECURRENT_ARCHITECTURES = ("lstm", "gru", "rnn")
+IMAGE_CLASSIFIER_ARCHITECTURES = ("cnn",)
+BUILTIN_ARCHITECTURES: tuple[str, ...] = (
+    SEQUENCE_ARCHITECTURES
+    + VAE_ARCHITECTURES
+    + DIFFUSION_ARCHITECTURES
+    + IMAGE_CLASSIFIER_ARCHITECTURES
+    + RECURRENT_ARCHITECTURES
+)
+#: Names added at run time by plugins (``kubearch_trainer.models.registry.register``). The CRD
+#: only knows the built-in names; a plugin needs its own trainer image anyway.
+PLUGIN_ARCHITECTURES: set[str] = set()
+
+MODEL_SIZES = ("tiny", "small", "medium", "large")
+ATTENTION_VARIANTS = (
+    "baseline",
+    "lora_small",
+    "lora_medium",
+    "lora_large",
+    "enhanced_small",
+    "enhanced_medium",
+    "enhanced_large",
+    "rope_only",
+    "bias_only",
+)
+STAGES = ("language", "code", "image")
+
+#: The search report's sizes (d_model, n_layers, n_heads, d_ff). Other seeds' sizes are reached
+#: with explicit --d-model/--n-layers/--n-heads/--d-ff (see the README's size table).
+SIZE_TABLE: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 1024},
+    "small": {"d_model": 384, "n_layers": 6, "n_heads": 6, "d_ff": 1536},
+    "medium": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 2048},
+    "large": {"d_model": 768, "n_layers": 10, "n_heads": 12, "d_ff": 3072},
+}
+
+#: LoRA ranks (query/key rank, value/output rank) per attention variant (search report).
+LORA_RANKS: dict[str, tuple[int, int]] = {
+    "lora_small": (32, 64),
+    "lora_medium": (64, 128),
+    "lora_large": (128, 256),
+    "enhanced_small": (32, 64),
+    "enhanced_medium": (64, 128),
+    "enhanced_large": (128, 256),
+}
+
+
+class _Section(BaseModel):
+    """Base for every config section: camelCase aliases, snake_case accepted, unknown keys refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+class ModelConfig(_Section):
+    """What to build. Sizes follow the search report; explicit dimensions override the preset."""
+
+    architecture: str = Field("dense", description="Model family; one of the built-in architectures.")
+    size: Literal["tiny", "small", "medium", "large"] = Field(
+        "tiny", description="Size preset (search report): tiny 256d/4L, small 384d/6L, medium 512d/8L, large 768d/10L."
+    )
+    d_model: int | None = Field(None, ge=8, description="Overrides the preset's model width.")
+    n_layers: int | None = Field(None, ge=1, description="Overrides the preset's depth.")
+    n_heads: int | None = Field(None, ge=1, description="Overrides the preset's attention heads.")
+    d_ff: int | None = Field(None, ge=8, description="Overrides the preset's feed-forward width.")
+    vocab_size: int = Field(256, ge=2, description="Vocabulary size; 256 for the byte-level tokenizer.")
+    max_seq_len: int = Field(4096, ge=8, description="Longest sequence the position tables support.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    # dense transformer
+    attention: Literal[
+        "baseline",
+        "lora_small",
+        "lora_medium",
+        "lora_large",
+        "enhanced_small",
+        "enhanced_medium",
+        "enhanced_large",
+        "rope_only",
+        "bias_only",
+    ] = Field("baseline", description="Attention variant of the search report.")
+    use_rmsnorm: bool = Field(False, description="RMSNorm instead of LayerNorm.")
+    use_rope: bool = Field(False, description="Rotary position embeddings instead of absolute ones.")
+    position_embedding: Literal["learned", "sinusoidal"] = Field(
+        "learned", description="Absolute positions used when RoPE is off."
+    )
+    mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="Feed-forward type.")
+    tie_embeddings: bool = True
+
+    # mamba / hybrid
+    state_size: int = Field(16, ge=1, le=256, description="SSM state size N.")
+    conv_size: int = Field(4, ge=1, le=64, description="Depthwise causal conv kernel width.")
+    expand: int = Field(2, ge=1, le=8, description="Mamba inner expansion factor.")
+    hybrid_local_window: int = Field(256, ge=1, description="Sliding-window size of hybrid attention.")
+    hybrid_attention_every: int = Field(
+        2, ge=1, description="Every k-th hybrid layer is local attention, the rest Mamba."
+    )
+
+    # moe
+    num_experts: int = Field(8, ge=1, le=256)
+    expert_capacity: int = Field(2, ge=1, description="Experts per token (top-k), as the seed names it.")
+    moe_aux_loss_weight: float = Field(1e-2, ge=0.0, description="Switch load-balancing loss weight.")
+    moe_z_loss_weight: float = Field(1e-3, ge=0.0, description="Router z-loss weight.")
+
+    # image / latent families (issue 3)
+    image_size: int = Field(32, ge=8, description="Square image side for image families.")
+    image_channels: int = Field(1, ge=1, le=4)
+    num_classes: int = Field(10, ge=2, description="Classes for the CNN classifier.")
+    latent_dim: int = Field(16, ge=1, description="VAE latent size.")
+    beta: float = Field(4.0, ge=0.0, description="beta_vae KL weight.")
+    codebook_size: int = Field(128, ge=2, description="vq_vae codebook entries.")
+    commitment_cost: float = Field(0.25, ge=0.0)
+    diffusion_timesteps: int = Field(1000, ge=2)
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    ddim_steps: int = Field(50, ge=1)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        allowed = (*BUILTIN_ARCHITECTURES, *sorted(PLUGIN_ARCHITECTURES))
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.architecture in ("dense", "moe", "hybrid"):
+            d, h = self.resolved("d_model"), self.resolved("n_heads")
+            if d % h:
+                raise ValueError(f"d_model ({d}) must be divisible by n_heads ({h})")
+        if self.architecture == "moe" and self.expert_capacity > self.num_experts:
+            raise ValueError(
+                f"expert_capacity ({self.expert_capacity}) must be <= num_experts ({self.num_experts})"
+            )
+        return self
+
+    def resolved(self, name: str) -> int:
+        """Dimension ``name`` after applying the size preset and any explicit override."""
+        value = getattr(self, name)
+        return int(value) if value is not None else SIZE_TABLE[self.size][name]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {k: self.resolved(k) for k in ("d_model", "n_layers", "n_heads", "d_ff")}
+
+
+class DataConfig(_Section):
+    """Where batches come from. With no ``path`` a small built-in data set is generated offline."""
+
+    path: str | None = Field(None, description="Text file, folder of .txt files, JSONL, image folder or .npz.")
+    format: Literal["auto", "text", "jsonl", "folder", "images", "npz"] = "auto"
+    dataset: str | None = Field(
+        None, description="Built-in generated data set when no path is given (per task; see README)."
+    )
+    jsonl_field: str = Field("text", description="JSONL key holding the text.")
+    tokenizer: Literal["byte"] = Field("byte", description="Byte-level tokenizer, no download needed.")
+    seq_len: int = Field(256, ge=2, description="Tokens per training sequence.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.9)
+    num_workers: int = Field(0, ge=0)
+
+
+class RegulationConfig(_Section):
+    """The seeds' "2π" variance regulation, with exactly the seed's keys (see README for the formula)."""
+
+    enabled: bool = False
+    variance_threshold: float | None = Field(None, gt=0.0)
+    lambda_variance: float | None = Field(None, ge=0.0)
+    lambda_rate: float | None = Field(None, ge=0.0)
+    adaptive_schedule: bool = True
+    # transformers
+    regulate_attention: bool = True
+    regulate_ffn: bool = True
+    layer_specific: bool = True
+    warmup_steps: int | None = Field(None, ge=0)
+    # diffusion
+    regulate_noise: bool = True
+    timestep_dependent: bool = True
+    variance_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_variance: float = Field(0.1, gt=0.0)
+
+
+class TrainingConfig(_Section):
+    """How to train: the seed's flags plus evaluation, checkpointing and metrics."""
+
+    stage: Literal["language", "code", "image"] = "language"
+    num_epochs: int = Field(1, ge=1)
+    steps_per_epoch: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1, description="Per-process micro-batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of the peak.")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, gt=0.0, lt=1.0)
+    beta2: float = Field(0.95, gt=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+    use_amp: bool = Field(False, description="Mixed precision (bf16 autocast on GPU).")
+    use_compile: bool = Field(False, description="torch.compile the model.")
+    use_gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps; 0 only at the end.")
+    eval_batches: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 only at the end.")
+    max_consecutive_nans: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/default"
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics here.")
+    metrics_all_ranks: bool = Field(False, description="Every rank serves metrics (port + local rank).")
+    regulation: RegulationConfig = Field(default_factory=RegulationConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_epochs * self.steps_per_epoch
+
+
+class TrainConfig(_Section):
+    """A whole trainer configuration; the same three sections as a TrainingRun's spec."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """Plain dict with snake_case keys (what checkpoints and results.json record)."""
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the allowed values."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """Turn pydantic's error into lines like ``model.size: 'huge' is not one of tiny, small, ...``."""
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"] if p != "__root__")
+        where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
+        msg = item["msg"]
+        if item["type"] == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            msg = f"{item['input']!r} is not one of {expected.replace(' or ', ', ')}"
+        elif item["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(data: dict[str, Any]) -> TrainConfig:
+    """Validate a nested dict (YAML or a TrainingRun spec) into a :class:`TrainConfig`.
+
+    Raises :class:`ConfigError` with one line per problem.
+    """
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None

@@ -1,0 +1,1 @@
+"""Compute kernels with a PyTorch reference and optional fast paths (mamba-ssm, Triton)."""
