@@ -138,6 +138,9 @@ class ModelConfig(_Section):
     beta: float = Field(4.0, ge=0.0, description="beta_vae KL weight.")
     codebook_size: int = Field(128, ge=2, description="vq_vae codebook entries.")
     commitment_cost: float = Field(0.25, ge=0.0)
+    dead_code_steps: int = Field(
+        100, ge=1, description="vq_vae: re-initialise a code unused for this many training steps."
+    )
     diffusion_timesteps: int = Field(1000, ge=2)
     noise_schedule: Literal["linear", "cosine"] = "linear"
     ddim_steps: int = Field(50, ge=1)

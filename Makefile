@@ -1,0 +1,28 @@
+# kubearch developer commands. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install controlplane lint test test-unit compare
+
+## Install the package with every extra (idempotent: pip skips what is already there).
+install:
+	$(PIP) install --quiet --disable-pip-version-check -e '.[trainer,operator,dev]'
+
+## Build (once, cached under ~/.cache/kubearch) etcd + kube-apiserver for the integration tests.
+controlplane:
+	bash tests/controlplane/build.sh
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+## The whole suite: lint, unit tests, integration tests against a real API server.
+test: install controlplane lint
+	$(PYTHON) -m pytest -q -ra --durations=15
+
+test-unit: install lint
+	$(PYTHON) -m pytest -q -ra tests/unit
+
+## The main job: a tiny four-architecture comparison on CPU.
+compare: install
+	kubearch compare

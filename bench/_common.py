@@ -1,0 +1,174 @@
+"""Shared plumbing of the benchmark scripts: environment stamp, timing, result files, plots.
+
+Every bench writes ``bench/results/<name>-<device>-<date>.json`` (a list of one object per
+measured configuration), a Markdown table ``.md`` and a plot ``.png`` beside it, so runs on
+different machines never overwrite each other and the README can quote the latest table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+#: Fields every result row carries (DESIGN.md, "Benchmarks").
+REQUIRED_FIELDS = (
+    "architecture",
+    "size",
+    "seq_len",
+    "batch_size",
+    "tokens_per_s",
+    "mfu",
+    "peak_memory_bytes",
+    "device",
+    "torch",
+    "commit",
+    "date",
+)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
+def device_label(device: torch.device, override: str | None = None) -> str:
+    if override:
+        return override
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        sha = out.stdout.strip() or "unknown"
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stamp(device: torch.device, label: str | None) -> dict[str, Any]:
+    """The environment fields every row carries."""
+    return {
+        "device": device_label(device, label),
+        "torch": torch.__version__,
+        "commit": commit(),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds per call (after ``warmup`` calls), with CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40] or "device"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:,.0f}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub table; ``columns`` are (key, header) pairs."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body]) + "\n"
+
+
+def write_results(
+    name: str,
+    rows: list[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    plot: Callable[[list[dict[str, Any]], Path], None] | None,
+    out_dir: Path,
+    title: str,
+    command: str,
+) -> tuple[Path, Path, Path | None]:
+    """Write ``<name>-<device>-<date>.json`` / ``.md`` / ``.png``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = rows[0]["device"] if rows else "unknown"
+    day = (rows[0]["date"] if rows else _dt.date.today().isoformat())[:10]
+    base = out_dir / f"{name}-{_slug(device)}-{day}"
+    json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
+    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    meta = rows[0] if rows else {}
+    md = [
+        f"# {title}",
+        "",
+        f"Device: {meta.get('device')} · torch {meta.get('torch')} · commit {meta.get('commit')} · "
+        f"{meta.get('date')}",
+        "",
+        f"Command: `{command}`",
+        "",
+        markdown_table(rows, columns),
+    ]
+    md_path.write_text("\n".join(md))
+    png_path = None
+    if plot is not None and rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        png_path = base.with_suffix(".png")
+        plot(rows, png_path)
+    return json_path, md_path, png_path

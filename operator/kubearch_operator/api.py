@@ -1,0 +1,266 @@
+"""The TrainingRun API (group ``kubearch.dev``, version ``v1alpha1``) as pydantic models.
+
+Why pydantic and why here: the same classes generate the CRD's OpenAPI schema (``crd.py``), validate
+specs inside the operator (cross-field rules the schema cannot express) and, through
+``kubearch_trainer.config``, are what the trainer reads from its ``--config``. One source of truth,
+so the API server, the operator and the trainer cannot disagree about a field. This module imports
+neither torch nor kopf: the operator image stays small and the unit tests stay fast.
+
+Names are camelCase on the wire (Kubernetes convention) and snake_case in Python; both are accepted.
+``runPolicy`` keeps Kubeflow's names and meanings (``backoffLimit``, ``cleanPodPolicy`` ...), so a
+PyTorchJob user reads it without a manual.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from kubearch_trainer.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainingConfig,
+    format_validation_error,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubearch.dev"
+VERSION = "v1alpha1"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ("tr",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: The trainer image a run uses unless ``spec.resources.image`` says otherwise.
+DEFAULT_IMAGE = "ghcr.io/kubearch/trainer:0.1.0"
+#: torchrun's default rendezvous port; the headless Service exposes it.
+DEFAULT_MASTER_PORT = 29500
+
+PHASES = ("Pending", "Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+CLEAN_POD_POLICIES = ("None", "Running", "All")
+
+# Pod names are "<run>-worker-<i>" and the headless Service is "<run>": both must be DNS-1035 labels
+# (<= 63 chars, lowercase alphanumerics and '-', starting with a letter). "-worker-999" leaves 52.
+MAX_RUN_NAME_LENGTH = 52
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class _Api(BaseModel):
+    """Base for API sections: camelCase on the wire, snake_case accepted, unknown keys refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Toleration(_Api):
+    """A Kubernetes toleration (same fields as ``core/v1 Toleration``)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(_Api):
+    """The run's shape: ``auto: true`` (the GPU matrix picks it) or explicit nodes x GPUs.
+
+    With ``auto`` the operator fills nodes, GPUs per node, batch size, gradient accumulation and
+    mixed precision from the seed's GPU matrix (see ``gpu_matrix.py``) and writes the choice and its
+    reason into ``status.chosenShape``. Explicit ``nodes``/``gpusPerNode`` and ``auto`` exclude each
+    other, so that a reader of the spec never has to guess which one won.
+    """
+
+    auto: bool = Field(False, description="Choose the shape from the GPU matrix (dataset size x model).")
+    dataset_samples: int | None = Field(
+        None, ge=0, description="Training samples in the data set; the GPU matrix's first axis (auto)."
+    )
+    nodes: int | None = Field(None, ge=1, le=64, description="Pods (one per node); default 1.")
+    gpus_per_node: int | None = Field(
+        None, ge=0, le=16, description="nvidia.com/gpu per pod; 0 runs on CPU. Default 1 (0 if auto picks)."
+    )
+    nproc_per_node: int | None = Field(
+        None, ge=1, le=64, description="torchrun processes per pod; default gpusPerNode (1 on CPU)."
+    )
+    gpu_type: str | None = Field(
+        None, description="GPU model label value, e.g. NVIDIA-A100-SXM4-80GB (nodeSelector on gpuTypeLabel)."
+    )
+    gpu_type_label: str = Field(
+        "nvidia.com/gpu.product", description="Node label that carries the GPU model."
+    )
+    cpu: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request per pod.")
+    memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[eEmk])?$",
+        description="Memory request and limit per pod.",
+    )
+    shm_size: str = Field(
+        "2Gi", pattern=r"^[0-9]+([EPTGMK]i?)?$", description="Size limit of the memory-backed /dev/shm."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    image: str = Field(DEFAULT_IMAGE, description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    checkpoint_claim: str | None = Field(
+        None, description="PersistentVolumeClaim mounted at /checkpoints so restarts resume; else emptyDir."
+    )
+    master_port: int = Field(DEFAULT_MASTER_PORT, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _auto_or_explicit(self) -> Resources:
+        if self.auto:
+            clash = [to_camel(f) for f in ("nodes", "gpus_per_node") if getattr(self, f) is not None]
+            if clash:
+                raise ValueError(
+                    f"auto: true chooses the shape; remove {', '.join(clash)} or set auto: false"
+                )
+        return self
+
+
+class SchedulingPolicy(_Api):
+    """Gang scheduling and priority, as Kubeflow's ``runPolicy.schedulingPolicy``."""
+
+    scheduler_name: str | None = Field(None, description="e.g. volcano or scheduler-plugins-scheduler.")
+    queue: str | None = Field(None, description="Volcano queue.")
+    priority_class: str | None = Field(None, description="PriorityClass of the pods.")
+    min_available: int | None = Field(
+        None, ge=1, description="Gang size: pods that must be schedulable together (default: all)."
+    )
+
+
+class RunPolicy(_Api):
+    """Failure and lifecycle policy with Kubeflow's names and meanings."""
+
+    backoff_limit: int = Field(3, ge=0, description="Group restarts allowed after retryable failures.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the run when it has been active this long (reset by suspend)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the run (and its pods) this long after it finished."
+    )
+    suspend: bool = Field(False, description="true deletes the pods and keeps the run; false resumes it.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Pods deleted when the run finishes: None, Running (unfinished ones) or All."
+    )
+    scheduling_policy: SchedulingPolicy | None = None
+
+
+class TrainingRunSpec(_Api):
+    """``spec`` of a TrainingRun: the trainer's three sections plus resources and run policy."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    resources: Resources = Field(default_factory=Resources)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    @model_validator(mode="after")
+    def _trainer_cross_checks(self) -> TrainingRunSpec:
+        # The trainer's own whole-config rules (e.g. seq_len <= max_seq_len) apply to a run too.
+        try:
+            TrainConfig(model=self.model, data=self.data, training=self.training)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err)) from None
+        return self
+
+    def train_config(self) -> TrainConfig:
+        """The trainer's view of this spec (before the GPU matrix adjusts batch and precision)."""
+        return TrainConfig(
+            model=self.model.model_copy(), data=self.data.model_copy(), training=self.training.model_copy()
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Status
+# ------------------------------------------------------------------------------------------------
+class Condition(_Api):
+    """A Kubernetes-style condition; ``lastTransitionTime`` changes only when ``status`` does."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+
+
+class ReplicaStatus(_Api):
+    """Pod counts of one replica type (Master or Worker), Kubeflow style."""
+
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class ChosenShape(_Api):
+    """The shape the run was given and why (the GPU matrix's row, or 'explicit')."""
+
+    nodes: int
+    gpus_per_node: int
+    nproc_per_node: int
+    gpus: int = Field(description="Total GPUs (nodes x gpusPerNode).")
+    world_size: int = Field(description="torchrun processes in total (nodes x nprocPerNode).")
+    gpu_type: str | None = None
+    batch_size: int = Field(description="Per-process micro-batch.")
+    global_batch_size: int = Field(
+        description="Samples per optimizer step (micro x processes x accumulation)."
+    )
+    gradient_accumulation_steps: int
+    mixed_precision: bool
+    source: Literal["auto", "explicit"]
+    reason: str
+
+
+class Progress(_Api):
+    """Latest training progress reported by the trainer."""
+
+    step: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+
+
+class TrainingRunStatus(_Api):
+    """``status`` of a TrainingRun, written only by the operator (status subresource)."""
+
+    phase: Literal["Pending", "Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended"] = (
+        "Pending"
+    )
+    message: str = ""
+    conditions: list[Condition] = Field(default_factory=list)
+    replica_statuses: dict[str, ReplicaStatus] = Field(default_factory=dict)
+    start_time: str | None = None
+    completion_time: str | None = None
+    restart_count: int = 0
+    observed_generation: int | None = None
+    chosen_shape: ChosenShape | None = None
+    progress: Progress | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+def parse_spec(spec: dict[str, Any] | None) -> TrainingRunSpec:
+    """Validate a TrainingRun ``spec``; raise :class:`ConfigError` naming each bad field."""
+    try:
+        return TrainingRunSpec.model_validate(spec or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix="spec.")) from None
+
+
+def parse_status(status: dict[str, Any] | None) -> TrainingRunStatus:
+    """Read the stored status leniently: a status this version cannot read starts over as Pending."""
+    try:
+        return TrainingRunStatus.model_validate(status or {})
+    except ValidationError:
+        return TrainingRunStatus()
+
+
+def check_run_name(name: str) -> None:
+    """Refuse names that cannot become a Service and pod names (see MAX_RUN_NAME_LENGTH)."""
+    if len(name) > MAX_RUN_NAME_LENGTH or not _DNS1035.match(name):
+        raise ConfigError(
+            f"metadata.name: {name!r} must be a DNS-1035 label (lowercase letters, digits and '-', "
+            f"starting with a letter) of at most {MAX_RUN_NAME_LENGTH} characters"
+        )

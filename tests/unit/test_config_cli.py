@@ -1,0 +1,155 @@
+"""CLI: seed flags map onto the config, YAML + flag precedence, bad values refused before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubearch_trainer import cli
+from kubearch_trainer.cli import _Parser, add_train_arguments, config_from_args, run_kubearch, run_train
+from kubearch_trainer.exit_codes import ExitCode
+
+
+def parse(argv: list[str]):
+    p = _Parser(prog="kubearch-train")
+    add_train_arguments(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def test_seed_flags_map_onto_the_config() -> None:
+    cfg = parse(
+        "--architecture moe --stage code --model-size small --state-size 32 --conv-size 8 --num-experts 4 "
+        "--expert-capacity 1 --hybrid-local-window 128 --batch-size 2 --gradient-accumulation-steps 4 "
+        "--use-compile --use-rmsnorm --use-rope --use-amp --use-gradient-checkpointing --num-epochs 3 "
+        "--steps-per-epoch 1000 --learning-rate 5e-5 --warmup-steps 200 --attention lora_small --seq-len 512 "
+        "--eval-every 7 --eval-batches 3 --seed 5 --output-dir /tmp/x --resume --metrics-port 9100 "
+        "--d-model 128 --n-layers 3 --n-heads 4 --d-ff 256 --log-every 2 --checkpoint-every 9 --device cpu "
+        "--max-consecutive-nans 7 --data corpus.txt".split()
+    )
+    m, d, t = cfg.model, cfg.data, cfg.training
+    assert (m.architecture, m.size, m.state_size, m.conv_size, m.num_experts, m.expert_capacity) == (
+        "moe",
+        "small",
+        32,
+        8,
+        4,
+        1,
+    )
+    assert (m.hybrid_local_window, m.use_rmsnorm, m.use_rope, m.attention) == (128, True, True, "lora_small")
+    assert m.dims == {"d_model": 128, "n_layers": 3, "n_heads": 4, "d_ff": 256}
+    assert (t.stage, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.steps_per_epoch) == (
+        "code",
+        2,
+        4,
+        3,
+        1000,
+    )
+    assert t.use_compile and t.use_amp and t.use_gradient_checkpointing and t.resume
+    assert (t.learning_rate, t.warmup_steps, t.eval_every, t.eval_batches, t.seed) == (5e-5, 200, 7, 3, 5)
+    assert (t.output_dir, t.metrics_port, t.log_every, t.checkpoint_every, t.device) == (
+        "/tmp/x",
+        9100,
+        2,
+        9,
+        "cpu",
+    )
+    assert t.max_consecutive_nans == 7 and t.total_steps == 3000
+    assert (d.seq_len, d.path) == (512, "corpus.txt")
+
+
+def test_defaults_when_no_flag_given() -> None:
+    cfg = parse([])
+    assert cfg.model.architecture == "dense" and cfg.model.size == "tiny" and not cfg.training.use_amp
+
+
+def test_yaml_camel_case_and_flags_override_only_when_given(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "model:\n  architecture: mamba\n  size: small\n  stateSize: 32\n  useRmsnorm: true\n"
+        "data:\n  seqLen: 64\n"
+        "training:\n  batchSize: 4\n  learningRate: 0.001\n  useAmp: true\n"
+        "  regulation:\n    enabled: true\n    varianceThreshold: 0.5\n"
+    )
+    cfg = parse(["--config", str(f), "--batch-size", "8", "--no-use-amp"])
+    assert cfg.model.architecture == "mamba" and cfg.model.size == "small" and cfg.model.state_size == 32
+    assert cfg.model.use_rmsnorm is True  # the flag was not given: the YAML value stays
+    assert cfg.data.seq_len == 64 and cfg.training.learning_rate == 0.001
+    assert cfg.training.batch_size == 8 and cfg.training.use_amp is False  # given flags win
+    assert cfg.training.regulation.enabled and cfg.training.regulation.variance_threshold == 0.5
+
+
+def test_a_training_run_manifest_works_as_config(tmp_path: Path) -> None:
+    f = tmp_path / "tr.yaml"
+    f.write_text(
+        "apiVersion: kubearch.dev/v1alpha1\nkind: TrainingRun\nmetadata: {name: x}\n"
+        "spec:\n  model: {architecture: dense, size: medium}\n  training: {stepsPerEpoch: 7}\n"
+        "  resources: {gpus: 1}\n"
+    )
+    cfg = parse(["--config", str(f)])
+    assert cfg.model.size == "medium" and cfg.training.steps_per_epoch == 7
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--model-size", "huge"], ["model.size", "'huge'", "tiny", "small", "medium", "large"]),
+        (["--attention", "fancy"], ["model.attention", "baseline", "lora_small", "bias_only"]),
+        (["--architecture", "transformerxl"], ["model.architecture", "dense", "mamba", "moe", "hybrid"]),
+        (["--batch-size", "0"], ["training.batch_size", "greater than or equal to 1"]),
+        (["--stage", "video"], ["training.stage", "language", "code", "image"]),
+        (["--device", "tpu"], ["training.device", "auto", "cpu", "cuda"]),
+        (["--batch-size", "many"], ["--batch-size", "invalid int value"]),
+        (["--d-model", "100", "--n-heads", "3"], ["d_model (100)", "n_heads (3)"]),
+    ],
+)
+def test_bad_values_exit_config_error_before_any_work(
+    argv: list[str],
+    needles: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import kubearch_trainer.trainer as trainer
+
+    def no_work(*a: object, **k: object) -> None:
+        raise AssertionError("training started despite an invalid config")
+
+    monkeypatch.setattr(trainer, "train", no_work)
+    out = tmp_path / "out"
+    try:
+        code = run_train([*argv, "--output-dir", str(out)])
+    except SystemExit as exc:  # argparse-level errors
+        code = exc.code
+    assert code == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists()
+
+
+def test_plugin_module_registers_an_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_plugin_arch.py").write_text(
+        "from kubearch_trainer.models import KubearchModel, register\n"
+        "@register('cli_test_plugin_arch', task='lm')\n"
+        "class P(KubearchModel):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = parse(["--plugin", "my_plugin_arch", "--architecture", "cli_test_plugin_arch"])
+    assert cfg.model.architecture == "cli_test_plugin_arch"
+    with pytest.raises(cli.ConfigError, match="--plugin.*no_such_module"):
+        parse(["--plugin", "no_such_module"])
+
+
+def test_kubearch_lists_subcommands_and_module_entry_point_runs(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_kubearch(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "compare" in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubearch_trainer", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "--hybrid-local-window" in proc.stdout and "--config" in proc.stdout

@@ -1,0 +1,240 @@
+"""The train loop: learning, results.json, NaN skipping/abort, OOM exit, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from kubearch_trainer import trainer as trainer_mod
+from kubearch_trainer.cli import run_train
+from kubearch_trainer.config import ModelConfig, load_config
+from kubearch_trainer.exit_codes import ExitCode
+from kubearch_trainer.models import KubearchModel, ModelOutput, register
+from kubearch_trainer.trainer import CHECKPOINT_NAME, RESULTS_NAME, save_checkpoint, train
+
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64}
+
+
+def tiny_cfg(out: Path, model: dict[str, Any] | None = None, **training: Any):
+    t = {
+        "steps_per_epoch": 10,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "eval_every": 5,
+        "eval_batches": 2,
+        "device": "cpu",
+        "output_dir": str(out),
+    }
+    t.update(training)
+    return load_config(
+        {"model": {"architecture": "dense", **TINY, **(model or {})}, "data": {"seq_len": 32}, "training": t}
+    )
+
+
+# --------------------------------------------------------------------------- plugin models
+_NAN_CALLS: set[int] = set()
+
+
+@register("test_nan_lm", task="lm")
+class NanBigram(KubearchModel):
+    """A bigram LM whose training forward returns NaN on the calls listed in ``_NAN_CALLS``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+        self.calls = 0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        logits = self.table(batch["input_ids"])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        if self.training:
+            if self.calls in _NAN_CALLS or -1 in _NAN_CALLS:
+                loss = loss * float("nan")
+            self.calls += 1
+        return ModelOutput(loss=loss, metrics={"ce_loss": loss.detach()})
+
+
+@register("test_oom_lm", task="lm")
+class OomModel(KubearchModel):
+    """Raises CUDA's out-of-memory error (constructible without a GPU) on the first forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+# --------------------------------------------------------------------------- tests
+def test_training_lowers_loss_and_writes_results(tmp_path: Path) -> None:
+    cfg = tiny_cfg(tmp_path / "run", steps_per_epoch=30, log_every=5, eval_every=10)
+    res = train(cfg)
+    assert res["status"] == "completed" and res["exit_code"] == 0
+    hist = [row["train_loss"] for row in res["loss_history"] if row.get("train_loss") is not None]
+    assert hist[-1] < hist[0] - 0.3, hist
+    vals = [row["val_loss"] for row in res["loss_history"] if "val_loss" in row]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    on_disk = json.loads((tmp_path / "run" / RESULTS_NAME).read_text())
+    for key in (
+        "architecture",
+        "size",
+        "dims",
+        "parameters",
+        "steps",
+        "tokens",
+        "wall_time_s",
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "final_train_loss",
+        "final_val_loss",
+        "val_accuracy",
+        "perplexity",
+        "nan_count",
+        "status",
+        "exit_code",
+        "loss_history",
+        "config",
+        "world_size",
+        "device",
+        "torch_version",
+    ):
+        assert key in on_disk, key
+    assert on_disk["steps"] == 30 and on_disk["tokens"] == 30 * 4 * 32
+    assert on_disk["parameters"]["total"] == on_disk["parameters"]["active"] > 0
+    assert on_disk["peak_memory_bytes"] > 10_000_000  # process RSS on CPU
+    assert on_disk["perplexity"] == pytest.approx(
+        torch.tensor(on_disk["final_val_loss"]).exp().item(), rel=1e-5
+    )
+    assert 0.0 <= on_disk["val_accuracy"] <= 1.0
+    assert on_disk["dims"] == {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    _NAN_CALLS.clear()
+    _NAN_CALLS.update({2, 3})
+    cfg = tiny_cfg(tmp_path, {"architecture": "test_nan_lm"}, max_consecutive_nans=3)
+    res = train(cfg)
+    assert res["status"] == "completed" and res["nan_count"] == 2 and res["steps"] == 10
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    # The optimizer stepped only on the 8 finite steps, and the weights stayed finite.
+    assert int(ckpt["optimizer"]["state"][0]["step"]) == 8
+    assert torch.isfinite(ckpt["model"]["table.weight"]).all()
+
+
+def test_nan_streak_aborts_with_exit_code(tmp_path: Path) -> None:
+    _NAN_CALLS.clear()
+    _NAN_CALLS.add(-1)  # every step
+    code = run_train(
+        [
+            "--architecture",
+            "test_nan_lm",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--steps-per-epoch",
+            "20",
+            "--max-consecutive-nans",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == ExitCode.NAN_ABORT
+    res = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert res["status"] == "nan_abort" and res["steps"] == 3 and res["nan_count"] == 3
+    assert "max_consecutive_nans" in res["error"]
+
+
+def test_cuda_oom_is_reported_with_its_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBEARCH_TERMINATION_LOG", str(term))
+    code = run_train(
+        [
+            "--architecture",
+            "test_oom_lm",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == ExitCode.CUDA_OOM
+    res = json.loads((tmp_path / "out" / RESULTS_NAME).read_text())
+    assert (
+        res["status"] == "oom" and res["exit_code"] == ExitCode.CUDA_OOM and "out of memory" in res["error"]
+    )
+    summary = json.loads(term.read_text())
+    assert summary["status"] == "oom" and len(term.read_bytes()) < 4096
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_cfg(tmp_path, steps_per_epoch=4)
+    train(cfg)
+    path = tmp_path / CHECKPOINT_NAME
+    before = path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, RESULTS_NAME]
+
+    def torn_save(obj: Any, f: Any) -> None:  # writes half a file, then the node "dies"
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_mod.torch, "save", torn_save)
+    model = nn.Linear(2, 2)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(
+            path, model, torch.optim.AdamW(model.parameters()), trainer_mod.RunState(step=99), cfg, None
+        )
+    assert path.read_bytes() == before  # the old checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, RESULTS_NAME]  # no temp file left
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    # Dropout and accumulation on, so RNG and micro-batch handling are covered too.
+    model = {"dropout": 0.1}
+    extra = {"gradient_accumulation_steps": 2, "checkpoint_every": 3}
+    full = train(tiny_cfg(tmp_path / "full", model, **extra))
+    first = train(tiny_cfg(tmp_path / "split", model, **extra), stop_after=5)
+    assert first["status"] == "stopped" and first["steps"] == 5
+    second = train(tiny_cfg(tmp_path / "split", model, resume=True, **extra))
+    assert second["status"] == "completed" and second["resumed_from_step"] == 5 and second["steps"] == 10
+    a = torch.load(tmp_path / "full" / CHECKPOINT_NAME, weights_only=False)
+    b = torch.load(tmp_path / "split" / CHECKPOINT_NAME, weights_only=False)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for k, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+    assert full["loss_history"] == second["loss_history"]
+    assert full["final_val_loss"] == second["final_val_loss"]
+    assert second["tokens"] == full["tokens"]
+
+
+def test_resume_refuses_other_model_settings(tmp_path: Path) -> None:
+    train(tiny_cfg(tmp_path, steps_per_epoch=2))
+    res = train(tiny_cfg(tmp_path, {"d_ff": 96}, steps_per_epoch=4, resume=True))
+    assert res["exit_code"] == ExitCode.CONFIG_ERROR and "model.d_ff" in res["error"]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
+    cfg = load_config(
+        {"training": {"learning_rate": 1e-3, "warmup_steps": 10, "steps_per_epoch": 110, "min_lr_ratio": 0.1}}
+    )
+    lrs = [trainer_mod.lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] < lrs[5] < lrs[9] <= 1e-3  # warmup rises
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # cosine never rises
+    assert trainer_mod.lr_at(110, cfg) == pytest.approx(1e-4)

@@ -1,0 +1,256 @@
+"""Command line: ``kubearch-train`` (= ``python -m kubearch_trainer`` = ``kubearch train``) and ``kubearch``.
+
+Precedence: built-in defaults < ``--config FILE.yaml`` < flags actually given. Every flag defaults
+to "not given" (``argparse.SUPPRESS``) so a flag never silently overrides the YAML with its own
+default. The YAML has the sections of :class:`~kubearch_trainer.config.TrainConfig` (``model``,
+``data``, ``training``) in camelCase or snake_case; a whole TrainingRun manifest works too (its
+``spec`` is used).
+
+Validation happens before any work (no model, no data, no process group): a bad value exits with
+``ExitCode.CONFIG_ERROR`` and a line naming the field and the allowed values.
+
+Subcommands of ``kubearch`` live in :data:`SUBCOMMANDS`; another package adds one with
+:func:`register_subcommand` (e.g. the operator's helpers) without touching this file's parser code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kubearch_trainer.config import ConfigError, TrainConfig, load_config
+from kubearch_trainer.exit_codes import ExitCode
+
+S = argparse.SUPPRESS
+
+#: (flag, section, field, type, help). ``bool`` flags take ``--x`` / ``--no-x``.
+_FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
+    # the seed's flags
+    ("--architecture", "model", "architecture", str, "dense | mamba | moe | hybrid | image families | plugins"),
+    ("--stage", "training", "stage", str, "language | code | image"),
+    ("--model-size", "model", "size", str, "tiny | small | medium | large (search report sizes)"),
+    ("--state-size", "model", "state_size", int, "Mamba state size N"),
+    ("--conv-size", "model", "conv_size", int, "Mamba depthwise conv width"),
+    ("--num-experts", "model", "num_experts", int, "MoE experts"),
+    ("--expert-capacity", "model", "expert_capacity", int, "MoE experts per token (top-k)"),
+    ("--hybrid-local-window", "model", "hybrid_local_window", int, "hybrid sliding-window size"),
+    ("--batch-size", "training", "batch_size", int, "per-process micro-batch size"),
+    ("--gradient-accumulation-steps", "training", "gradient_accumulation_steps", int, "micro-batches per step"),
+    ("--use-compile", "training", "use_compile", bool, "torch.compile the model"),
+    ("--use-rmsnorm", "model", "use_rmsnorm", bool, "RMSNorm instead of LayerNorm"),
+    ("--use-rope", "model", "use_rope", bool, "rotary position embeddings"),
+    ("--use-amp", "training", "use_amp", bool, "bf16 autocast on GPU"),
+    ("--use-gradient-checkpointing", "training", "use_gradient_checkpointing", bool, "recompute activations"),
+    ("--num-epochs", "training", "num_epochs", int, "epochs (total steps = epochs x steps per epoch)"),
+    ("--steps-per-epoch", "training", "steps_per_epoch", int, "optimizer steps per epoch"),
+    ("--learning-rate", "training", "learning_rate", float, "peak learning rate"),
+    ("--warmup-steps", "training", "warmup_steps", int, "linear warmup steps"),
+    # kubearch's own
+    ("--attention", "model", "attention", str, "attention variant (baseline, lora_*, enhanced_*, rope_only, bias_only)"),
+    ("--d-model", "model", "d_model", int, "override the size preset's width"),
+    ("--n-layers", "model", "n_layers", int, "override the preset's depth"),
+    ("--n-heads", "model", "n_heads", int, "override the preset's heads"),
+    ("--d-ff", "model", "d_ff", int, "override the preset's feed-forward width"),
+    ("--max-seq-len", "model", "max_seq_len", int, "longest sequence the position tables support"),
+    ("--seq-len", "data", "seq_len", int, "tokens per training sequence"),
+    ("--data", "data", "path", str, "text file, folder of .txt, JSONL, image folder or .npz"),
+    ("--data-format", "data", "format", str, "auto | text | jsonl | folder | images | npz"),
+    ("--jsonl-field", "data", "jsonl_field", str, "JSONL key holding the text"),
+    ("--dataset", "data", "dataset", str, "built-in generated data set when --data is not given"),
+    ("--eval-every", "training", "eval_every", int, "evaluate every N steps (0: only at the end)"),
+    ("--eval-batches", "training", "eval_batches", int, "validation batches per evaluation"),
+    ("--log-every", "training", "log_every", int, "log line every N steps"),
+    ("--checkpoint-every", "training", "checkpoint_every", int, "checkpoint every N steps (0: only at the end)"),
+    ("--max-consecutive-nans", "training", "max_consecutive_nans", int, "abort after N non-finite losses in a row"),
+    ("--seed", "training", "seed", int, "random seed"),
+    ("--device", "training", "device", str, "auto | cpu | cuda"),
+    ("--output-dir", "training", "output_dir", str, "checkpoints and results.json go here"),
+    ("--resume", "training", "resume", bool, "continue from output-dir's checkpoint when there is one"),
+    ("--metrics-port", "training", "metrics_port", int, "serve Prometheus metrics on this port"),
+    ("--metrics-all-ranks", "training", "metrics_all_ranks", bool, "every rank serves (port + local rank)"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are configuration errors too: exit CONFIG_ERROR, not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(int(ExitCode.CONFIG_ERROR), f"{self.prog}: config error: {message}\n")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training flags (shared by ``kubearch-train`` and ``kubearch train``)."""
+    parser.add_argument("--config", metavar="FILE.yaml", default=S, help="YAML with model/data/training sections")
+    parser.add_argument(
+        "--plugin",
+        metavar="MODULE",
+        action="append",
+        default=S,
+        help="import MODULE first (it registers extra architectures); repeatable",
+    )
+    for flag, section, field, typ, help_ in _FLAGS:
+        dest = f"{section}__{field}"
+        if typ is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=S, help=help_)
+        else:
+            parser.add_argument(flag, dest=dest, type=typ, default=S, help=help_)
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+
+
+def _snake_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {_snake(str(k)): _snake_keys(v) for k, v in obj.items()}
+    return obj
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """The nested config of a YAML file (a TrainingRun manifest contributes its ``spec``)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {str(p)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config: {str(p)!r} is not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {str(p)!r} must hold a mapping with model/data/training sections")
+    if "spec" in raw and isinstance(raw["spec"], dict):  # a TrainingRun manifest
+        raw = {k: v for k, v in raw["spec"].items() if k in ("model", "data", "training")}
+    return _snake_keys(raw)
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import plugin modules (their ``@register`` runs); the working directory is importable."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"--plugin: cannot import {name!r} ({err})") from None
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """defaults < YAML < given flags, validated; raises :class:`ConfigError` naming the field."""
+    args = vars(ns)
+    import_plugins(args.get("plugin", []))
+    data: dict[str, Any] = read_yaml_config(args["config"]) if "config" in args else {}
+    for dest, value in args.items():
+        if "__" not in dest:
+            continue
+        section, field = dest.split("__", 1)
+        sec = data.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{section}: must be a mapping")
+        sec[field] = value
+    # A sequence longer than the position tables would be refused; grow them unless set explicitly.
+    model, dsec = data.get("model", {}), data.get("data", {})
+    if isinstance(model, dict) and isinstance(dsec, dict) and "max_seq_len" not in model:
+        seq = dsec.get("seq_len")
+        if isinstance(seq, int) and seq > 4096:
+            model["max_seq_len"] = seq
+    cfg = load_config(data)
+    _check_architecture_available(cfg)
+    return cfg
+
+
+def _check_architecture_available(cfg: TrainConfig) -> None:
+    """A name the config knows may still lack an implementation in this image: refuse it up front."""
+    from kubearch_trainer.models import available_architectures
+
+    names = available_architectures()
+    if cfg.model.architecture not in names:
+        raise ConfigError(
+            f"model.architecture: {cfg.model.architecture!r} is not available in this trainer; "
+            f"one of {', '.join(names)}"
+        )
+
+
+def run_train(argv: Sequence[str] | None = None, prog: str = "kubearch-train") -> int:
+    """Parse, validate, train; returns the exit code (tests call this in-process)."""
+    parser = _Parser(prog=prog, description="Train one architecture (see README).")
+    add_train_arguments(parser)
+    ns = parser.parse_args(argv)
+    return _train_from_namespace(ns, prog)
+
+
+def _train_from_namespace(ns: argparse.Namespace, prog: str) -> int:
+    try:
+        cfg = config_from_args(ns)
+    except ConfigError as err:
+        print(f"{prog}: config error:\n  " + str(err).replace("\n", "\n  "), file=sys.stderr)
+        return int(ExitCode.CONFIG_ERROR)
+    from kubearch_trainer.trainer import train
+
+    results = train(cfg)
+    return int(results["exit_code"])
+
+
+def train_main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of ``kubearch-train`` and ``python -m kubearch_trainer``."""
+    sys.exit(run_train(argv))
+
+
+# ------------------------------------------------------------------------------------ kubearch
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(name: str, help: str, configure: Callable, run: Callable) -> None:
+    """Add ``kubearch NAME``: ``configure(parser)`` adds its arguments, ``run(args)`` returns the exit code."""
+    SUBCOMMANDS[name] = Subcommand(help, configure, run)
+
+
+def _configure_compare(p: argparse.ArgumentParser) -> None:
+    from kubearch_trainer.compare import add_compare_arguments
+
+    add_compare_arguments(p)
+
+
+def _run_compare(ns: argparse.Namespace) -> int:
+    from kubearch_trainer.compare import run_compare_from_args
+
+    return run_compare_from_args(ns)
+
+
+register_subcommand("train", "train one architecture (same flags as kubearch-train)", add_train_arguments,
+                    lambda ns: _train_from_namespace(ns, "kubearch train"))
+register_subcommand("compare", "train several architectures the same way and compare them",
+                    _configure_compare, _run_compare)
+
+
+def run_kubearch(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="kubearch", description="kubearch: train and compare architectures.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.configure(p)
+    ns = parser.parse_args(argv)
+    if not ns.command:
+        parser.print_help()
+        return int(ExitCode.CONFIG_ERROR)
+    return SUBCOMMANDS[ns.command].run(ns)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of ``kubearch``."""
+    sys.exit(run_kubearch(argv))

@@ -1,0 +1,372 @@
+"""``kubearch compare``: the seed's benchmarking protocol, run and tabulated.
+
+Protocol (Architecture Comparison Guide, "Benchmarking Protocol"): every architecture gets the same
+task and data, the same model size, the same number of steps, the same effective batch
+(``batch_size x gradient_accumulation_steps``), the same optimisations and the same seed; we then
+track training time, peak memory, final validation loss, tokens/s and NaN count.
+
+Each architecture runs in its own subprocess, one after the other. Why not in-process: peak
+memory on CPU is the process's peak RSS, which only ever grows, so a shared process would report
+the largest model's memory for every later row; a subprocess also isolates a crash or OOM to its
+row. With ``--nproc-per-node N > 1`` each run goes through ``torchrun``.
+
+Outputs in ``--output-dir``: ``comparison.md`` (the seed's table), ``comparison.json`` (rows and
+protocol), ``loss_curves.png`` and one sub-folder per architecture with its ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubearch_trainer.exit_codes import ExitCode
+
+DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
+#: Defaults sized so that the four tiny models finish in a few minutes on 2 CPU cores while their
+#: losses visibly separate; on a GPU raise --steps, --seq-len and --batch-size.
+DEFAULTS = {
+    "model_size": "tiny",
+    "steps": 40,
+    "batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "seq_len": 64,
+    "learning_rate": 2e-3,
+    "warmup_steps": 5,
+    "eval_batches": 4,
+    "output_dir": "runs/compare",
+}
+_STATUS_NOTES = {
+    "oom": "OOM",
+    "nan_abort": "NaN abort",
+    "failed": "failed",
+    "config_error": "config error",
+    "data_error": "data error",
+}
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument("--architectures", default=DEFAULT_ARCHITECTURES,
+                   help=f"comma-separated architectures (default {DEFAULT_ARCHITECTURES})")
+    p.add_argument("--model-size", default=d["model_size"], help="size preset for every run (default tiny)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch per process")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"])
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--learning-rate", type=float, default=d["learning_rate"])
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    p.add_argument("--eval-batches", type=int, default=d["eval_batches"])
+    p.add_argument("--eval-every", type=int, default=None, help="default: 4 evaluations per run")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--nproc-per-node", type=int, default=1, help=">1 launches each run with torchrun")
+    p.add_argument("--output-dir", default=d["output_dir"])
+    p.add_argument("--extra", default="", help="further trainer flags for every run, e.g. \"--use-rmsnorm --data x.txt\"")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
+
+
+def run_compare_from_args(ns: argparse.Namespace) -> int:
+    archs = [a.strip() for a in ns.architectures.split(",") if a.strip()]
+    if not archs:
+        print("kubearch compare: config error: --architectures is empty", file=sys.stderr)
+        return int(ExitCode.CONFIG_ERROR)
+    # Validate every run's configuration before starting any (a typo must not cost three runs).
+    from kubearch_trainer.cli import _Parser, add_train_arguments, config_from_args
+    from kubearch_trainer.config import ConfigError
+
+    out = Path(ns.output_dir)
+    runs: list[tuple[str, list[str]]] = []
+    for arch in archs:
+        argv = trainer_argv(ns, arch, out / arch)
+        parser = _Parser(prog="kubearch compare")
+        add_train_arguments(parser)
+        try:
+            config_from_args(parser.parse_args(argv))
+        except ConfigError as err:
+            print(f"kubearch compare: config error ({arch}):\n  " + str(err).replace("\n", "\n  "), file=sys.stderr)
+            return int(ExitCode.CONFIG_ERROR)
+        runs.append((arch, argv))
+    rows = []
+    t0 = time.time()
+    for arch, argv in runs:
+        print(f"\n=== kubearch compare: {arch} ({len(rows) + 1}/{len(runs)}) ===", flush=True)
+        rows.append(run_one(arch, argv, out / arch, ns.nproc_per_node, ns.timeout))
+    report = build_report(rows, ns, command=" ".join(["kubearch", "compare", *sys.argv[2:]]), total_s=time.time() - t0)
+    write_outputs(report, out)
+    print("\n" + report["markdown_table"])
+    print(f"\nkubearch compare: {len(rows)} runs in {report['total_wall_time_s']:.0f} s; "
+          f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'loss_curves.png'}")
+    return 0 if all(r["status"] == "completed" for r in rows) else int(ExitCode.FAILED)
+
+
+def trainer_argv(ns: argparse.Namespace, arch: str, out: Path) -> list[str]:
+    """The trainer flags of one run: identical for every architecture except ``--architecture``."""
+    eval_every = ns.eval_every if ns.eval_every is not None else max(1, ns.steps // 4)
+    argv = [
+        "--architecture", arch,
+        "--model-size", ns.model_size,
+        "--num-epochs", "1",
+        "--steps-per-epoch", str(ns.steps),
+        "--batch-size", str(ns.batch_size),
+        "--gradient-accumulation-steps", str(ns.gradient_accumulation_steps),
+        "--seq-len", str(ns.seq_len),
+        "--learning-rate", str(ns.learning_rate),
+        "--warmup-steps", str(ns.warmup_steps),
+        "--eval-every", str(eval_every),
+        "--eval-batches", str(ns.eval_batches),
+        "--log-every", str(max(1, min(10, ns.steps // 8))),
+        "--seed", str(ns.seed),
+        "--device", ns.device,
+        "--output-dir", str(out),
+    ]
+    extra = shlex.split(ns.extra)
+    if "--max-seq-len" not in extra:
+        # Position tables as long as the sequences: otherwise a learned table sized for 4096
+        # positions would dominate a tiny dense model's parameter count.
+        argv += ["--max-seq-len", str(max(ns.seq_len, 8))]
+    return argv + extra
+
+
+def run_one(arch: str, argv: list[str], out: Path, nproc: int, timeout: float | None) -> dict[str, Any]:
+    """Run one trainer subprocess and turn its results.json into a table row."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    if results_path.exists():
+        results_path.unlink()  # never report a previous comparison's numbers
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "kubearch_trainer", *argv]
+    else:
+        cmd = [sys.executable, "-m", "kubearch_trainer", *argv]
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    t0 = time.time()
+    try:
+        code = subprocess.run(cmd, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        code = 124
+    wall = time.time() - t0
+    if results_path.exists():
+        res = json.loads(results_path.read_text())
+    else:
+        res = {"status": "failed", "exit_code": code, "error": f"no results.json (exit {code})"}
+    return row_from_results(arch, res, wall)
+
+
+def row_from_results(arch: str, res: dict[str, Any], wall: float | None = None) -> dict[str, Any]:
+    params = res.get("parameters") or {}
+    return {
+        "architecture": arch,
+        "task": res.get("task") or "unknown",
+        "status": res.get("status", "failed"),
+        "exit_code": res.get("exit_code"),
+        "error": res.get("error"),
+        "time_s": res.get("train_time_s"),
+        "wall_time_s": res.get("wall_time_s", wall),
+        "peak_memory_bytes": res.get("peak_memory_bytes"),
+        "peak_memory_kind": res.get("peak_memory_kind"),
+        "final_val_loss": res.get("final_val_loss"),
+        "final_train_loss": res.get("final_train_loss"),
+        "val_accuracy": res.get("val_accuracy"),
+        "perplexity": res.get("perplexity"),
+        "tokens_per_second": res.get("tokens_per_second"),
+        "nan_count": res.get("nan_count"),
+        "params_total": params.get("total"),
+        "params_active": params.get("active"),
+        "steps": res.get("steps"),
+        "tokens": res.get("tokens"),
+        "loss_history": res.get("loss_history") or [],
+        "device": res.get("device"),
+    }
+
+
+# ------------------------------------------------------------------------------------ formatting
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.1f}s"
+    if s < 7200:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.1f}h"
+
+
+def fmt_bytes(b: float | None) -> str:
+    if not b:
+        return "-"
+    if b >= 1e9:
+        return f"{b / 1e9:.2f} GB"
+    return f"{b / 1e6:.0f} MB"
+
+
+def fmt_params(n: int | None) -> str:
+    if n is None:
+        return "?"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.0f}K"
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def notes_for(row: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """Params (active for sparse models), and speed/memory relative to the task's first good row."""
+    if row["status"] != "completed":
+        note = _STATUS_NOTES.get(row["status"], row["status"])
+        return f"{note}: {(row.get('error') or '')[:80]}".rstrip(": ")
+    parts = [f"{fmt_params(row['params_total'])} params"]
+    if row["params_active"] and row["params_total"] and row["params_active"] != row["params_total"]:
+        parts[0] += f" ({fmt_params(row['params_active'])} active)"
+    if base is not None and base is not row:
+        tps, btps = _num(row["tokens_per_second"]), _num(base["tokens_per_second"])
+        if tps and btps:
+            parts.append(f"{tps / btps:.2f}x speed")
+        mem, bmem = _num(row["peak_memory_bytes"]), _num(base["peak_memory_bytes"])
+        if mem and bmem:
+            parts.append(f"{mem / bmem:.2f}x memory")
+        parts[-1] += f" vs {base['architecture']}"
+    elif base is row:
+        parts.append("baseline")
+    return ", ".join(parts)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| Architecture | Time | Memory | Final Loss | Tokens/sec | NaN count | Notes |",
+        "|-------------|------|--------|------------|------------|-----------|-------|",
+    ]
+    base = next((r for r in rows if r["status"] == "completed"), None)
+    for r in rows:
+        loss = _num(r["final_val_loss"])
+        tps = _num(r["tokens_per_second"])
+        lines.append(
+            f"| {r['architecture']} | {fmt_time(r['time_s'])} | {fmt_bytes(r['peak_memory_bytes'])} | "
+            f"{f'{loss:.4f}' if loss is not None else '-'} | {f'{tps:,.0f}' if tps else '-'} | "
+            f"{r['nan_count'] if r['nan_count'] is not None else '-'} | {notes_for(r, base)} |"
+        )
+    return "\n".join(lines)
+
+
+def _winners(rows: list[dict[str, Any]]) -> str:
+    ok = [r for r in rows if r["status"] == "completed"]
+    if not ok:
+        return "no run completed"
+    parts = []
+    for label, key, pick in (("quality (lowest val loss)", "final_val_loss", min),
+                             ("speed (tokens/s)", "tokens_per_second", max),
+                             ("memory", "peak_memory_bytes", min)):
+        cands = [r for r in ok if _num(r[key]) is not None]
+        if cands:
+            parts.append(f"{pick(cands, key=lambda r, k=key: r[k])['architecture']} for {label}")
+    return "; ".join(parts)
+
+
+def build_report(rows: list[dict[str, Any]], ns: argparse.Namespace, command: str, total_s: float) -> dict[str, Any]:
+    tasks: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        tasks.setdefault(r["task"], []).append(r)
+    device = next((r["device"] for r in rows if r.get("device")), ns.device)
+    protocol = {
+        "model_size": ns.model_size,
+        "steps": ns.steps,
+        "batch_size": ns.batch_size,
+        "gradient_accumulation_steps": ns.gradient_accumulation_steps,
+        "nproc_per_node": ns.nproc_per_node,
+        "effective_batch": ns.batch_size * ns.gradient_accumulation_steps * ns.nproc_per_node,
+        "seq_len": ns.seq_len,
+        "learning_rate": ns.learning_rate,
+        "warmup_steps": ns.warmup_steps,
+        "seed": ns.seed,
+        "extra": ns.extra,
+    }
+    sections, tables = [], []
+    for task, task_rows in tasks.items():
+        table = markdown_table(task_rows)
+        tables.append(table if len(tasks) == 1 else f"Task `{task}`\n\n{table}")
+        sections.append(f"### Task `{task}`\n\n{table}\n\n**Winner**: {_winners(task_rows)}\n")
+    hardware = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if device and str(device).startswith("cuda"):
+        try:
+            import torch
+
+            hardware = torch.cuda.get_device_name(0)
+        except Exception:  # noqa: BLE001 - cosmetic only
+            pass
+    md = "\n".join(
+        [
+            "## Benchmark Results",
+            "",
+            f"**Hardware**: {hardware} ({device}, {os.cpu_count()} CPUs)",
+            f"**Date**: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"**Command**: `{command}`",
+            f"**Protocol**: size `{ns.model_size}`, {ns.steps} steps, effective batch "
+            f"{protocol['effective_batch']} x {ns.seq_len} tokens, lr {ns.learning_rate}, warmup {ns.warmup_steps}, "
+            f"seed {ns.seed}, same data for every run",
+            "",
+            "Time: training time (evaluation excluded); Memory: peak CUDA allocation on GPU, process peak RSS "
+            "on CPU; Final Loss: validation loss (main loss, auxiliary losses excluded).",
+            "",
+            *sections,
+        ]
+    )
+    return {
+        "rows": rows,
+        "protocol": protocol,
+        "command": command,
+        "total_wall_time_s": total_s,
+        "markdown": md,
+        "markdown_table": "\n\n".join(tables),
+        "date": datetime.now(UTC).isoformat(),
+    }
+
+
+def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Train loss (lines) and validation loss (markers) per architecture, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for i, r in enumerate(x for x in rows if x["task"] == task):
+            color = f"C{i}"
+            hist = r["loss_history"]
+            tr = [(h["step"], h["train_loss"]) for h in hist if _num(h.get("train_loss")) is not None]
+            va = [(h["step"], h["val_loss"]) for h in hist if _num(h.get("val_loss")) is not None]
+            if tr:
+                ax.plot(*zip(*tr, strict=True), color=color, label=f"{r['architecture']} train")
+            if va:
+                ax.plot(*zip(*va, strict=True), "o--", color=color, alpha=0.7, label=f"{r['architecture']} val")
+        ax.set_title(f"kubearch compare — task {task}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(report["markdown"])
+    payload = {k: v for k, v in report.items() if k not in ("markdown", "markdown_table")}
+    (out / "comparison.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    plot_loss_curves(report["rows"], out / "loss_curves.png")

@@ -1,0 +1,60 @@
+"""Hybrid: Mamba blocks for long-range context interleaved with local sliding-window attention.
+
+Layer i (0-based) is a local-attention :class:`~kubearch_trainer.models.layers.TransformerBlock`
+when ``(i + 1) % hybrid_attention_every == 0`` and a :class:`~kubearch_trainer.models.mamba.MambaBlock`
+otherwise; with the default every=2 and 4 layers: Mamba, Attn, Mamba, Attn. The first layer is
+always Mamba (unless every=1), so attention sees order already mixed in by the recurrence and the
+model needs no position embeddings (RoPE is still applied if the attention variant asks for it).
+
+Attention is restricted to a window w: token i sees token j iff ``i - w < j <= i``. That costs
+O(T·w) instead of O(T²) in principle; here the window is a boolean mask given to SDPA (cached
+per (T, w, device)), which is exact and runs on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kubearch_trainer.config import ModelConfig
+from kubearch_trainer.models.layers import CausalLM, TransformerBlock, init_gpt_weights, make_norm
+from kubearch_trainer.models.mamba import MambaBlock, init_mamba_weights
+from kubearch_trainer.models.registry import register
+
+
+def is_attention_layer(layer: int, every: int) -> bool:
+    return (layer + 1) % every == 0
+
+
+@register("hybrid", task="lm")
+class Hybrid(CausalLM):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        d_model, n_layers = cfg.resolved("d_model"), cfg.resolved("n_layers")
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d_model)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg, window=cfg.hybrid_local_window)
+            if is_attention_layer(i, cfg.hybrid_attention_every)
+            else MambaBlock(cfg)
+            for i in range(n_layers)
+        )
+        self.norm_f = make_norm(d_model, cfg.use_rmsnorm)
+        self.lm_head = nn.Linear(d_model, cfg.vocab_size, bias=False)
+        # Each kind keeps its own init: Mamba's (embedding, out_proj scaling; its dt_proj/A_log/D
+        # set in MambaMixer) everywhere, then GPT's N(0, 0.02) on the attention blocks only.
+        init_mamba_weights(self, n_layers)
+        for block in self.blocks:
+            if isinstance(block, TransformerBlock):
+                init_gpt_weights(block, n_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.lm_head(self.norm_f(x))

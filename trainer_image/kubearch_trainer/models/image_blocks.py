@@ -1,0 +1,101 @@
+"""Size tables and convolutional building blocks shared by the image families (VAE, diffusion, CNN).
+
+Why a table per family: ``--model-size`` must mean "a bigger model of the same family" for every
+architecture, but a transformer's ``d_model``/``n_layers`` do not translate into a VAE's channel
+widths. Each family reads its own row here; explicit ``--d-model`` (width) and ``--n-layers``
+(depth) still override the preset, so one knob pair reaches every family.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kubearch_trainer.config import ModelConfig
+
+#: (base channels, depth) per size. VAE depth = stride-2 down-sampling stages of the encoder;
+#: diffusion depth = U-Net resolution levels; CNN depth = residual blocks (the model guide's
+#: small 64ch/4, medium 128ch/6, large 256ch/8); recurrent: hidden size and stacked layers (the
+#: model guide's small 256/2, medium 512/4, large 1024/4). ``tiny`` is a CI-sized row below them.
+FAMILY_SIZE_TABLE: dict[str, dict[str, tuple[int, int]]] = {
+    "vae": {"tiny": (16, 2), "small": (32, 3), "medium": (64, 3), "large": (128, 4)},
+    "diffusion": {"tiny": (16, 2), "small": (32, 2), "medium": (64, 3), "large": (128, 3)},
+    "cnn": {"tiny": (16, 2), "small": (64, 4), "medium": (128, 6), "large": (256, 8)},
+    "recurrent": {"tiny": (128, 2), "small": (256, 2), "medium": (512, 4), "large": (1024, 4)},
+}
+
+
+def family_dims(cfg: ModelConfig, family: str) -> tuple[int, int]:
+    """(width, depth) for ``family``: the size preset unless ``d_model``/``n_layers`` are set."""
+    width, depth = FAMILY_SIZE_TABLE[family][cfg.size]
+    if cfg.d_model is not None:
+        width = int(cfg.d_model)
+    if cfg.n_layers is not None:
+        depth = int(cfg.n_layers)
+    return width, depth
+
+
+def groups_for(channels: int, preferred: int = 8) -> int:
+    """Largest group count <= ``preferred`` that divides ``channels`` (GroupNorm needs a divisor)."""
+    for g in range(min(preferred, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def max_downsamples(image_size: int, min_side: int = 4) -> int:
+    """How many exact halvings keep the side an integer >= ``min_side``."""
+    n, side = 0, image_size
+    while side % 2 == 0 and side // 2 >= min_side:
+        side //= 2
+        n += 1
+    return n
+
+
+class ConvEncoder(nn.Module):
+    """Image -> feature map: a 3×3 stem, then ``stages`` stride-2 convs doubling the width (cap 8×).
+
+    GroupNorm rather than BatchNorm: VAEs are trained with small per-process batches under DDP, and
+    batch statistics would make the reconstruction of one image depend on its batch mates.
+    """
+
+    def __init__(self, in_channels: int, width: int, stages: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()]
+        ch = width
+        self.channels = [ch]
+        for i in range(stages):
+            out = width * min(2 ** (i + 1), 8)
+            layers += [
+                nn.Conv2d(ch, out, 4, stride=2, padding=1),
+                nn.GroupNorm(groups_for(out), out),
+                nn.SiLU(),
+            ]
+            ch = out
+            self.channels.append(ch)
+        self.net = nn.Sequential(*layers)
+        self.out_channels = ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """Feature map -> image logits, mirroring :class:`ConvEncoder` with stride-2 transposed convs."""
+
+    def __init__(self, out_channels: int, width: int, stages: int) -> None:
+        super().__init__()
+        chans = [width * min(2**i, 8) for i in range(stages + 1)]
+        self.in_channels = chans[-1]
+        layers: list[nn.Module] = []
+        for i in range(stages, 0, -1):
+            layers += [
+                nn.ConvTranspose2d(chans[i], chans[i - 1], 4, stride=2, padding=1),
+                nn.GroupNorm(groups_for(chans[i - 1]), chans[i - 1]),
+                nn.SiLU(),
+            ]
+        layers.append(nn.Conv2d(chans[0], out_channels, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
