@@ -2,15 +2,22 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install controlplane lint test test-unit compare
+.PHONY: install controlplane crds lint test test-unit compare
 
 ## Install the package with every extra (idempotent: pip skips what is already there).
 install:
 	$(PIP) install --quiet --disable-pip-version-check -e '.[trainer,operator,dev]'
 
-## Build (once, cached under ~/.cache/kubearch) etcd + kube-apiserver for the integration tests.
+## Build (once, cached under ~/.cache/kubearch) etcd, kube-apiserver, kube-controller-manager,
+## kubectl and the Helm CLI from source for the integration and chart tests.
 controlplane:
 	bash tests/controlplane/build.sh
+	bash tests/helm/build-helm.sh
+
+## Regenerate the CRD from the pydantic models into manifests/ and the Helm chart.
+crds:
+	$(PYTHON) -m kubearch_operator.crd > manifests/crd-trainingrun.yaml
+	cp manifests/crd-trainingrun.yaml charts/kubearch/crds/crd-trainingrun.yaml
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import time
@@ -36,6 +37,14 @@ REQUIRED_FIELDS = (
     "commit",
     "date",
 )
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command that reproduces a run, quoted for a shell (goes into the Markdown)."""
+    import sys
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return shlex.join(["python", f"bench/{script}", *args])
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,6 +115,34 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int
             fn()
             times.append(time.perf_counter() - t0)
     return times
+
+
+def timed_steps(step: Any, device: torch.device, n: int) -> tuple[list[float], float, float]:
+    """Run ``n`` steps back to back; returns (seconds per step, first-start-to-last-end, wall).
+
+    On CUDA each step is bracketed by events and nothing synchronises until the end, so the host
+    can run ahead as in training; a step's event time is what the GPU stream spent on it, and the
+    gaps between one step's end and the next one's start are GPU idle time.
+    """
+    if device.type != "cuda":
+        times = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t0
+        return times, wall, wall
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    t0 = time.perf_counter()
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    return times, events[0][0].elapsed_time(events[-1][1]) / 1e3, wall
 
 
 def median(xs: Sequence[float]) -> float:

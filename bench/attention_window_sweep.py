@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-from kubearch_trainer.flops import mfu  # noqa: E402
+import _common
+from kubearch_trainer.flops import mfu
 
 COLUMNS = (
     ("architecture", "Implementation"),
@@ -77,13 +76,20 @@ def implementations(device: torch.device, window: int) -> dict[str, Any]:
     return impls
 
 
-def measure(name: str, factory: Any, t: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def measure(
+    name: str, factory: Any, t: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = (args.batch, args.heads, t, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device=device, dtype=dtype)
-    row: dict[str, Any] = {"architecture": name, "size": f"B{args.batch}×H{args.heads}×hd{args.head_dim}",
-                           "seq_len": t, "batch_size": args.batch, "window": args.window}  # fmt: skip
+    row: dict[str, Any] = {
+        "architecture": name,
+        "size": f"B{args.batch}×H{args.heads}×hd{args.head_dim}",
+        "seq_len": t,
+        "batch_size": args.batch,
+        "window": args.window,
+    }
     try:
         attn = factory(t)
 
@@ -96,8 +102,13 @@ def measure(name: str, factory: Any, t: int, args: argparse.Namespace, device: t
             torch.cuda.reset_peak_memory_stats(device)
         times = _common.time_fn(step, device, warmup=args.warmup, steps=args.steps)
     except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. a dense mask too large for the GPU
-        return {**row, "status": f"failed: {type(err).__name__}", "tokens_per_s": None, "mfu": None,
-                "peak_memory_bytes": None}  # fmt: skip
+        return {
+            **row,
+            "status": f"failed: {type(err).__name__}",
+            "tokens_per_s": None,
+            "mfu": None,
+            "peak_memory_bytes": None,
+        }
     sec = _common.median(times)
     d = args.heads * args.head_dim
     t_eff = min(t, args.window) if name != "sdpa_causal" else t
@@ -160,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             row = {**measure(name, factory, t, args, device), **stamp}
             rows.append(row)
             print(f"{name:>17} T={t:<6} {row['status']} {row.get('ms', 0):.3f} ms", flush=True)
-    command = "python bench/attention_window_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = _common.write_results("attention_window_sweep", rows, COLUMNS, plot, args.out_dir,
-                                  "Sliding-window vs full causal attention", command.strip())  # fmt: skip
+    command = _common.command_line("attention_window_sweep.py", argv)
+    paths = _common.write_results(
+        "attention_window_sweep",
+        rows,
+        COLUMNS,
+        plot,
+        args.out_dir,
+        "Sliding-window vs full causal attention",
+        command,
+    )
     print("\n" + paths[1].read_text())
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import math
 import sys
 from pathlib import Path
@@ -26,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-from kubearch_trainer.flops import gpt_flops_per_token, mfu  # noqa: E402
+import _common
+from kubearch_trainer.flops import gpt_flops_per_token, mfu
 
 #: (d_model, n_layers, batch, seq_len, target tokens/s, target MFU) from issue 5 (compiled, H100).
 ISSUE_SHAPES = (
@@ -69,7 +67,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.n_heads, d // self.n_heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
         gate, up = self.w13(self.norm2(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
@@ -119,22 +119,31 @@ def run_shape(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row: dict[str, Any] = {"architecture": "baseline_gpt", "size": f"{d}d×{n_layers}L", "seq_len": seq,
-                           "batch_size": batch, "d_model": d, "n_layers": n_layers, "params": params,
-                           "compile": not args.eager, "amp": not args.no_amp}  # fmt: skip
+    row: dict[str, Any] = {
+        "architecture": "baseline_gpt",
+        "size": f"{d}d×{n_layers}L",
+        "seq_len": seq,
+        "batch_size": batch,
+        "d_model": d,
+        "n_layers": n_layers,
+        "params": params,
+        "compile": not args.eager,
+        "amp": not args.no_amp,
+    }
     try:
-        times = _common.time_fn(step, device, warmup=args.warmup, steps=args.steps)
+        for _ in range(args.warmup):
+            step()
+        _common.sync(device)
+        times, _, wall = _common.timed_steps(step, device, args.steps)
     except torch.OutOfMemoryError:
         return {**row, "status": "oom", "tokens_per_s": None, "mfu": None, "peak_memory_bytes": None}
-    finally:
-        del opt, fwd
-        gc.collect()
     step_time = _common.median(times)
     tps = batch * seq / step_time
     per_token = gpt_flops_per_token(params, n_layers, d, seq)
     row.update(
         status="ok",
         tokens_per_s=tps,
+        tokens_per_s_wall=batch * seq * args.steps / wall,
         step_time_s=step_time,
         flops_per_token=per_token,
         mfu=mfu(tps, per_token, args.peak_flops),
@@ -149,7 +158,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r.get("tokens_per_s") or 0 for r in rows], 0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], [r.get("target_tokens_per_s") or 0 for r in rows], 0.4, label="issue 5 floor")
+    ax.bar(
+        [x + 0.2 for x in xs], [r.get("target_tokens_per_s") or 0 for r in rows], 0.4, label="issue 5 floor"
+    )
     ax.set_xticks(list(xs), [f"{r['size']}\nB{r['batch_size']}×{r['seq_len']}" for r in rows], fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_yscale("log")
@@ -186,13 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     stamp = _common.stamp(device, args.device_label)
     rows = []
     for d, n, b, t, target_tps, target_mfu in shapes:
-        row = {**run_shape(d, n, b, t, device, args), "target_tokens_per_s": target_tps, "target_mfu": target_mfu}
+        row = {
+            **run_shape(d, n, b, t, device, args),
+            "target_tokens_per_s": target_tps,
+            "target_mfu": target_mfu,
+        }
         rows.append({**row, **stamp})
-        print(f"{row['size']:>10} B={b} T={t}: {row['status']} "
-              f"{(row['tokens_per_s'] or 0):,.0f} tok/s MFU {100 * (row['mfu'] or 0):.1f}%", flush=True)  # fmt: skip
-    command = "python bench/baseline_gpt.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = _common.write_results("baseline_gpt", rows, COLUMNS, plot, args.out_dir, "Plain GPT baseline",
-                                  command.strip())  # fmt: skip
+        print(
+            f"{row['size']:>10} B={b} T={t}: {row['status']} "
+            f"{(row['tokens_per_s'] or 0):,.0f} tok/s MFU {100 * (row['mfu'] or 0):.1f}%",
+            flush=True,
+        )
+    command = _common.command_line("baseline_gpt.py", argv)
+    paths = _common.write_results(
+        "baseline_gpt", rows, COLUMNS, plot, args.out_dir, "Plain GPT baseline", command
+    )
     print("\n" + paths[1].read_text())
     return 0
 

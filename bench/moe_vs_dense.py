@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-import train_throughput as tt  # noqa: E402
-
-from kubearch_trainer.config import SIZE_TABLE  # noqa: E402
-from kubearch_trainer.flops import swiglu_hidden  # noqa: E402
+import _common
+import train_throughput as tt
+from kubearch_trainer.config import SIZE_TABLE
+from kubearch_trainer.flops import swiglu_hidden
 
 COLUMNS = (
     ("architecture", "Model"),
@@ -46,8 +45,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     keys = list(dict.fromkeys((r["size"], r["seq_len"]) for r in rows))
     fig, ax = plt.subplots(figsize=(6, 4))
     for off, arch in ((-0.2, "dense_same_active"), (0.2, "moe")):
-        vals = [next((r.get("tokens_per_s") or 0 for r in rows if (r["size"], r["seq_len"]) == k
-                      and r["architecture"] == arch), 0) for k in keys]  # fmt: skip
+        vals = [
+            next(
+                (
+                    r.get("tokens_per_s") or 0
+                    for r in rows
+                    if (r["size"], r["seq_len"]) == k and r["architecture"] == arch
+                ),
+                0,
+            )
+            for k in keys
+        ]
         ax.bar([i + off for i in range(len(keys))], vals, 0.4, label=arch)
     ax.set_xticks(range(len(keys)), [f"{s}\nT={t}" for s, t in keys])
     ax.set_ylabel("tokens / s")
@@ -79,15 +87,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, arch, dims in (("dense_same_active", "dense", dense_dims), ("moe", "moe", moe_dims)):
                 conf = {"architecture": arch, "size": size, "seq_len": seq, "batch_size": batch, "dims": dims}
                 pair[name] = {**tt.measure(conf, args, device), "architecture": name, **stamp}
-            dense_tps, moe_tps = pair["dense_same_active"].get("tokens_per_s"), pair["moe"].get("tokens_per_s")
+            dense_tps, moe_tps = (
+                pair["dense_same_active"].get("tokens_per_s"),
+                pair["moe"].get("tokens_per_s"),
+            )
             ratio = moe_tps / dense_tps if dense_tps and moe_tps else None
             for row in pair.values():
                 rows.append({**row, "moe_over_dense": ratio})
-            print(f"{size} T={seq}: dense {dense_tps or 0:,.0f} tok/s, moe {moe_tps or 0:,.0f} tok/s, "
-                  f"ratio {ratio if ratio is None else round(ratio, 3)}", flush=True)  # fmt: skip
-    command = "python bench/moe_vs_dense.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    paths = _common.write_results("moe_vs_dense", rows, COLUMNS, plot, args.out_dir,
-                                  "MoE vs dense at equal active parameters", command.strip())  # fmt: skip
+            print(
+                f"{size} T={seq}: dense {dense_tps or 0:,.0f} tok/s, moe {moe_tps or 0:,.0f} tok/s, "
+                f"ratio {ratio if ratio is None else round(ratio, 3)}",
+                flush=True,
+            )
+    command = _common.command_line("moe_vs_dense.py", argv)
+    paths = _common.write_results(
+        "moe_vs_dense", rows, COLUMNS, plot, args.out_dir, "MoE vs dense at equal active parameters", command
+    )
     print("\n" + paths[1].read_text())
     return 0
 

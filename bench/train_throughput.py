@@ -8,9 +8,11 @@ the median of the timed steps. No ``.item()`` inside the timed loop: the loss is
 end, as the trainer reads metrics only every N steps.
 
 MFU = tokens/s × FLOPs/token ÷ 989 TFLOP/s (``kubearch_trainer.flops``; the FLOP formula is in
-that module's docstring). GPU idle share = 1 − (Σ step times between events) ÷ (time from the
-first step's start to the last step's end): the time the GPU waited for the host *between* steps
-(data loading, Python), which is what "data loading never starves the GPU" asks.
+that module's docstring). ``tokens_per_s`` uses the median step time; ``tokens_per_s_wall`` the
+wall clock over all timed steps. GPU idle share = 1 − (Σ step times between CUDA events) ÷ (time
+from the first step's start to the last step's end): the time the GPU stream waited for the host
+*between* steps (data loading, Python), which is what "data loading never starves the GPU" asks;
+gaps *inside* a step (launch overhead) need a profiler trace and are not in this number.
 
     python bench/train_throughput.py --device cuda                       # all archs × sizes × seqs
     python bench/train_throughput.py --device cuda --issue-shapes         # dense at issue 5's shapes
@@ -23,20 +25,18 @@ import argparse
 import contextlib
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-from kubearch_trainer.config import SIZE_TABLE, load_config  # noqa: E402
-from kubearch_trainer.data import build_datasets  # noqa: E402
-from kubearch_trainer.flops import flops_per_token, mfu  # noqa: E402
-from kubearch_trainer.memory import estimate_memory  # noqa: E402
-from kubearch_trainer.models.registry import available_architectures, build_model  # noqa: E402
+import _common
+from kubearch_trainer.config import SIZE_TABLE, load_config
+from kubearch_trainer.data import build_datasets
+from kubearch_trainer.flops import flops_per_token, mfu
+from kubearch_trainer.memory import estimate_memory
+from kubearch_trainer.models.registry import available_architectures, build_model
 
 ARCHITECTURES = ("dense", "mamba", "moe", "hybrid")
 #: Issue 5's reference shapes: (d_model, n_layers, batch, seq_len) at vocabulary 50,304.
@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--checkpointing", action="store_true", help="Gradient checkpointing on.")
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="Wrap in DDP, world size 1 (NCCL on CUDA, gloo on CPU), as the trainer does.",
+    )
     p.add_argument("--issue-shapes", action="store_true", help="Dense at issue 5's four GPT shapes.")
     p.add_argument("--quick", action="store_true", help="CPU smoke run with tiny shapes.")
     p.add_argument("--out-dir", type=Path, default=_common.RESULTS)
@@ -91,37 +96,88 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
     """(architecture, size, seq_len, batch, dimension overrides) to measure."""
     if args.issue_shapes:
         return [
-            {"architecture": "dense", "size": f"{d}d×{n}L", "seq_len": t, "batch_size": b,
-             "dims": {"d_model": d, "n_layers": n, "n_heads": d // 64, "d_ff": 4 * d}}
+            {
+                "architecture": "dense",
+                "size": f"{d}d×{n}L",
+                "seq_len": t,
+                "batch_size": b,
+                "dims": {"d_model": d, "n_layers": n, "n_heads": d // 64, "d_ff": 4 * d},
+            }
             for d, n, b, t in ISSUE_SHAPES
-        ]  # fmt: skip
+        ]
     out = []
     for arch in args.architectures.split(","):
         for size in args.sizes.split(","):
             for seq in (int(s) for s in args.seq_lens.split(",")):
                 batch = args.batch_size or max(1, args.tokens_per_batch // seq)
                 dims = dict(QUICK_DIMS) if args.quick else dict(SIZE_TABLE[size])
-                out.append({"architecture": arch, "size": size, "seq_len": seq, "batch_size": batch, "dims": dims})
+                out.append(
+                    {"architecture": arch, "size": size, "seq_len": seq, "batch_size": batch, "dims": dims}
+                )
     return out
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group (rank 0 of 1) so DDP's overhead can be measured without torchrun."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:  # a free local port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
 def measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Build, warm up and time one configuration; returns its result row (without the stamp)."""
+    """Build, warm up and time one configuration; returns its result row (without the stamp).
+
+    The model, optimizer and compiled graph live only inside :func:`_measure`, so they are freed
+    (and the CUDA cache emptied) before the next configuration is built.
+    """
+    try:
+        return _measure(conf, args, device)
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     arch, seq, batch = conf["architecture"], conf["seq_len"], conf["batch_size"]
     row: dict[str, Any] = {k: conf[k] for k in ("architecture", "size", "seq_len", "batch_size")}
     row.update(conf["dims"])
-    row.update(amp=not args.no_amp, compile=not args.no_compile, checkpointing=args.checkpointing)
+    row.update(
+        amp=not args.no_amp, compile=not args.no_compile, checkpointing=args.checkpointing, ddp=args.ddp
+    )
     if arch not in available_architectures():
-        return {**row, "status": "unavailable (not registered)", "tokens_per_s": None, "mfu": None,
-                "peak_memory_bytes": None}  # fmt: skip
+        return {
+            **row,
+            "status": "unavailable (not registered)",
+            "tokens_per_s": None,
+            "mfu": None,
+            "peak_memory_bytes": None,
+        }
     cfg = load_config(
         {
-            "model": {"architecture": arch, "size": conf["size"] if conf["size"] in SIZE_TABLE else "tiny",
-                      "vocab_size": args.vocab_size, "max_seq_len": max(seq, 8), **conf["dims"]},
+            "model": {
+                "architecture": arch,
+                "size": conf["size"] if conf["size"] in SIZE_TABLE else "tiny",
+                "vocab_size": args.vocab_size,
+                "max_seq_len": max(seq, 8),
+                **conf["dims"],
+            },
             "data": {"seq_len": seq},
             "training": {"batch_size": batch, "use_amp": not args.no_amp, "use_compile": not args.no_compile},
         }
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     model.train()
@@ -131,11 +187,12 @@ def measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), **fused)
     fwd = torch.compile(model) if not args.no_compile else model
-    amp = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if not args.no_amp
-        else contextlib.nullcontext()
-    )
+    if args.ddp:  # the trainer's order: compile, then DDP around the compiled module
+        ensure_process_group(device)
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            fwd, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if not args.no_amp else contextlib.nullcontext()
     state = {"step": 0, "loss": None}
 
     def step() -> None:
@@ -156,35 +213,32 @@ def measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device
         for _ in range(args.warmup):
             step()
         _common.sync(device)
-        times = _common.time_fn(step, device, warmup=0, steps=args.steps)
-        wall0 = time.perf_counter()
-        for _ in range(max(3, args.steps // 2)):  # a back-to-back run for the idle share
-            step()
-        _common.sync(device)
-        wall = time.perf_counter() - wall0
+        times, span, wall = _common.timed_steps(step, device, args.steps)
     except torch.OutOfMemoryError:
-        del model, opt, fwd
-        gc.collect()
-        torch.cuda.empty_cache()
         return {**row, "status": "oom", "tokens_per_s": None, "mfu": None, "peak_memory_bytes": None}
     step_time = _common.median(times)
     tokens_per_s = batch * seq / step_time
     f = flops_per_token(cfg.model, seq, model=model)
     if device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(device))
-        busy = sum(times[: max(3, args.steps // 2)]) / len(times[: max(3, args.steps // 2)])
-        idle = max(0.0, 1.0 - busy * max(3, args.steps // 2) / wall)
+        idle = max(0.0, 1.0 - sum(times) / span)
     else:
         peak, idle = None, None  # no allocator statistic on CPU; process RSS would include Python
     est = estimate_memory(
-        cfg.model, batch, seq, amp=not args.no_amp, checkpointing=args.checkpointing,
-        scan="fused" if device.type == "cuda" else "torch", n_params=model.num_params(),
-    )  # fmt: skip
+        cfg.model,
+        batch,
+        seq,
+        amp=not args.no_amp,
+        checkpointing=args.checkpointing,
+        scan="fused" if device.type == "cuda" else "torch",
+        n_params=model.num_params(),
+    )
     row.update(
         status="ok",
         params=model.num_params(),
         active_params=model.active_params(),
         tokens_per_s=tokens_per_s,
+        tokens_per_s_wall=batch * seq * args.steps / wall,
         step_time_s=step_time,
         step_time_min_s=min(times),
         step_time_max_s=max(times),
@@ -196,10 +250,6 @@ def measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device
         gpu_idle_share=idle,
         final_loss=float(state["loss"]) if state["loss"] is not None else None,
     )
-    del model, opt, fwd
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -228,12 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     for conf in configurations(args):
         row = {**measure(conf, args, device), **stamp}
         rows.append(row)
-        tps = f"{row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu']:.1f}%" if row.get("tokens_per_s") else ""
-        print(f"{row['architecture']:>7} {row['size']:>10} T={row['seq_len']:<5} B={row['batch_size']:<3} "
-              f"{row['status']} {tps}", flush=True)  # fmt: skip
-    command = "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        tps = (
+            f"{row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu']:.1f}%"
+            if row.get("tokens_per_s")
+            else ""
+        )
+        print(
+            f"{row['architecture']:>7} {row['size']:>10} T={row['seq_len']:<5} B={row['batch_size']:<3} "
+            f"{row['status']} {tps}",
+            flush=True,
+        )
+    command = _common.command_line("train_throughput.py", argv)
     paths = _common.write_results(
-        "train_throughput", rows, COLUMNS, plot, args.out_dir, "Training throughput", command.strip()
+        "train_throughput", rows, COLUMNS, plot, args.out_dir, "Training throughput", command
     )
     print("\n" + paths[1].read_text())
     print("wrote", *(str(p) for p in paths if p))

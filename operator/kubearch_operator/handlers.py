@@ -85,6 +85,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.peering.name = os.environ.get("KUBEARCH_PEERING", "kubearch")
+    # A crashed replica's peering record blocks its replacement until it expires (kopf pauses
+    # while a same-priority peer looks alive): this bounds that wait.
+    settings.peering.lifetime = int(os.environ.get("KUBEARCH_PEERING_LIFETIME", "60"))
     settings.posting.level = logging.WARNING  # kopf's own per-handler events stay out of `describe`
     settings.watching.server_timeout = 300
     _load_kube_config()

@@ -104,6 +104,14 @@ class Failure:
 
 def classify_failure(v: PodView) -> Failure:
     """Is a failed pod worth restarting the group for? (see the module docstring)."""
+    failure = _classify(v)
+    error = parse_report(v.termination_message).get("error")
+    if isinstance(error, str) and error:  # the trainer's own words, from its termination message
+        return Failure(failure.pod, failure.retryable, failure.reason, f"{failure.message}: {error[:300]}")
+    return failure
+
+
+def _classify(v: PodView) -> Failure:
     if v.container_reason == "OOMKilled":
         return Failure(v.name, False, "OOMKilled", f"pod {v.name} was OOMKilled (host memory); not retried")
     if v.pod_reason in RETRYABLE_POD_REASONS:
@@ -176,26 +184,37 @@ def parse_report(text: str | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+#: Keys of the trainer's summary (``trainer._write_termination_log``) and progress annotation
+#: that feed ``status.progress``; every other finite number lands in ``status.metrics``.
+_STEP_KEYS = ("step", "steps", "global_step")
+_LOSS_KEYS = ("loss", "final_train_loss", "train_loss", "final_loss")
+_SPEED_KEYS = ("tokens_per_second", "tokensPerSecond", "tokens_per_s")
+_NOT_METRICS = frozenset({*_STEP_KEYS, *_LOSS_KEYS, *_SPEED_KEYS, "exit_code", "world_size"})
+
+
+def _first(report: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    return next((_num(report[k]) for k in keys if _num(report.get(k)) is not None), None)
+
+
 def _apply_report(st: TrainingRunStatus, report: dict[str, Any]) -> None:
-    """Accepts the trainer's snake_case and the API's camelCase names."""
+    """Fold the trainer's JSON (snake_case or camelCase names) into progress and metrics."""
     if not report:
         return
     prog = st.progress or Progress()
-    step = report.get("step", report.get("global_step"))
-    if isinstance(step, int) and not isinstance(step, bool):
-        prog.step = step
-    for key in ("loss", "final_loss", "train_loss"):
-        if _num(report.get(key)) is not None:
-            prog.loss = _num(report[key])
-            break
-    for key in ("tokens_per_second", "tokensPerSecond", "tokens_per_s"):
-        if _num(report.get(key)) is not None:
-            prog.tokens_per_second = _num(report[key])
-            break
+    step = _first(report, _STEP_KEYS)
+    if step is not None:
+        prog.step = int(step)
+    loss = _first(report, _LOSS_KEYS)
+    if loss is not None:
+        prog.loss = loss
+    speed = _first(report, _SPEED_KEYS)
+    if speed is not None:
+        prog.tokens_per_second = speed
     st.progress = prog
-    metrics = report.get("metrics")
-    if isinstance(metrics, dict):
-        st.metrics.update({k: float(v) for k, v in metrics.items() if _num(v) is not None})
+    nested = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
+    for key, value in [*report.items(), *nested.items()]:
+        if key not in _NOT_METRICS and _num(value) is not None:
+            st.metrics[key] = float(value)
     if isinstance(report.get("checkpoint"), str):
         st.checkpoint = report["checkpoint"]
 

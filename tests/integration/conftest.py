@@ -162,6 +162,7 @@ class Operator:
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "KUBEARCH_RESYNC_SECONDS": "1",
+            "KUBEARCH_PEERING_LIFETIME": "5",  # after a crash, the dead peer blocks for this long
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's lifetime
@@ -173,8 +174,8 @@ class Operator:
                 "run",
                 "-m",
                 "kubearch_operator.handlers",
-                "--standalone",
                 "--all-namespaces",
+                "--peering=kubearch",  # as manifests/operator.yaml runs it
                 f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
             ],
             cwd=REPO,
@@ -221,6 +222,11 @@ class Operator:
 
 @pytest.fixture(scope="session")
 def operator(installed: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    # kopf peering as in production: the CRDs first, then the ClusterKopfPeering object.
+    peering = REPO / "manifests" / "peering.yaml"
+    installed.kubectl("apply", "-f", str(peering), "--selector=", check=False)
+    installed.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/clusterkopfpeerings.kopf.dev")
+    installed.kubectl("apply", "-f", str(peering))
     op = Operator(installed, tmp_path_factory.mktemp("operator")).start()
     try:
         yield op

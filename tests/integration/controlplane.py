@@ -308,3 +308,33 @@ class ControlPlane:
 
 def cleanup_workdir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    """``python tests/integration/controlplane.py [--workdir DIR]``: a local control plane for a demo
+    or for ``pytest --cluster``; prints the KUBECONFIG to export and runs until interrupted."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--workdir", type=Path, default=None, help="state directory (default: a temp dir)")
+    args = parser.parse_args()
+    missing = missing_binaries()
+    if missing:
+        raise SystemExit(
+            f"missing {', '.join(missing)} in {binary_dir()}: run bash tests/controlplane/build.sh"
+        )
+    plane = ControlPlane(args.workdir or Path(tempfile.mkdtemp(prefix="kubearch-cp-")))
+    try:
+        plane.start()
+        plane.start_controller_manager()
+        print(f"export KUBECONFIG={plane.kubeconfig}", flush=True)
+        print(f"export PATH={plane.bin_dir}:$PATH   # kubectl {pinned_version()}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        plane.stop()
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    main()

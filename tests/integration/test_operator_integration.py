@@ -199,11 +199,12 @@ def test_dense_example_creates_the_group_and_status_follows_pods(installed, oper
     table = installed.kubectl("get", "tr", run, "-n", ns).stdout
     assert all(word in table for word in ("ARCHITECTURE", "dense", "small", "8", "Running"))
 
-    summary = {"step": 2000, "loss": 1.25, "tokens_per_second": 5120.0, "metrics": {"val_loss": 1.4}}
+    summary = {"status": "completed", "exit_code": 0, "steps": 2000, "final_train_loss": 1.25}
+    summary |= {"final_val_loss": 1.4, "tokens_per_second": 5120.0}  # the trainer's summary keys
     set_pod(kube, ns, master.metadata.name, "Succeeded", 0, json.dumps(summary))
     status = wait_phase(kube, ns, run, "Succeeded")
     assert status["progress"] == {"step": 2000, "loss": 1.25, "tokensPerSecond": 5120.0}
-    assert status["metrics"]["val_loss"] == 1.4 and status["completionTime"]
+    assert status["metrics"]["final_val_loss"] == 1.4 and status["completionTime"]
     # cleanPodPolicy Running: the still-running worker goes, the finished master stays for its logs.
     wait_for(lambda: [p.metadata.name for p in pods(kube, ns, run)] == [master.metadata.name], what="cleanup")
     text = operator.metrics()

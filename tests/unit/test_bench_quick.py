@@ -20,7 +20,10 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 def bench_modules():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {name: importlib.import_module(name) for name in ("_common", "train_throughput", "attention_window_sweep")}
+        yield {
+            name: importlib.import_module(name)
+            for name in ("_common", "train_throughput", "attention_window_sweep")
+        }
     finally:
         sys.path.remove(str(BENCH))
 
@@ -68,6 +71,20 @@ def test_attention_sweep_quick(tmp_path: Path, bench_modules) -> None:
     assert md.count("\n| sdpa_") == len(rows)
 
 
+def test_ddp_world_size_one_runs_on_gloo(tmp_path: Path, bench_modules) -> None:
+    import torch.distributed as dist
+
+    tt = bench_modules["train_throughput"]
+    argv = ["--quick", "--architectures", "dense", "--steps", "2", "--ddp", "--out-dir", str(tmp_path)]
+    try:
+        assert tt.main(argv) == 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    rows, _, _ = _outputs(tmp_path, "train_throughput")
+    assert rows[0]["ddp"] is True and rows[0]["status"] == "ok"
+
+
 def test_unregistered_architecture_is_reported_not_fatal(bench_modules) -> None:
     tt = bench_modules["train_throughput"]
     args = tt.parse_args(["--quick"])
@@ -79,6 +96,7 @@ def test_unregistered_architecture_is_reported_not_fatal(bench_modules) -> None:
 def test_markdown_formatting(bench_modules) -> None:
     common = bench_modules["_common"]
     table = common.markdown_table(
-        [{"a": 1234567, "b": 0.5123, "c": None, "d": 2.5e-9}], [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")]
+        [{"a": 1234567, "b": 0.5123, "c": None, "d": 2.5e-9}],
+        [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")],
     )
     assert table.splitlines()[2] == "| 1,234,567 | 0.512 | – | 2.5e-09 |"

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kubearch_trainer import cli
 from kubearch_trainer.cli import _Parser, add_train_arguments, config_from_args, run_kubearch, run_train
 from kubearch_trainer.exit_codes import ExitCode
@@ -21,13 +20,74 @@ def parse(argv: list[str]):
 
 def test_seed_flags_map_onto_the_config() -> None:
     cfg = parse(
-        "--architecture moe --stage code --model-size small --state-size 32 --conv-size 8 --num-experts 4 "
-        "--expert-capacity 1 --hybrid-local-window 128 --batch-size 2 --gradient-accumulation-steps 4 "
-        "--use-compile --use-rmsnorm --use-rope --use-amp --use-gradient-checkpointing --num-epochs 3 "
-        "--steps-per-epoch 1000 --learning-rate 5e-5 --warmup-steps 200 --attention lora_small --seq-len 512 "
-        "--eval-every 7 --eval-batches 3 --seed 5 --output-dir /tmp/x --resume --metrics-port 9100 "
-        "--d-model 128 --n-layers 3 --n-heads 4 --d-ff 256 --log-every 2 --checkpoint-every 9 --device cpu "
-        "--max-consecutive-nans 7 --data corpus.txt".split()
+        [
+            "--architecture",
+            "moe",
+            "--stage",
+            "code",
+            "--model-size",
+            "small",
+            "--state-size",
+            "32",
+            "--conv-size",
+            "8",
+            "--num-experts",
+            "4",
+            "--expert-capacity",
+            "1",
+            "--hybrid-local-window",
+            "128",
+            "--batch-size",
+            "2",
+            "--gradient-accumulation-steps",
+            "4",
+            "--use-compile",
+            "--use-rmsnorm",
+            "--use-rope",
+            "--use-amp",
+            "--use-gradient-checkpointing",
+            "--num-epochs",
+            "3",
+            "--steps-per-epoch",
+            "1000",
+            "--learning-rate",
+            "5e-5",
+            "--warmup-steps",
+            "200",
+            "--attention",
+            "lora_small",
+            "--seq-len",
+            "512",
+            "--eval-every",
+            "7",
+            "--eval-batches",
+            "3",
+            "--seed",
+            "5",
+            "--output-dir",
+            "/tmp/x",
+            "--resume",
+            "--metrics-port",
+            "9100",
+            "--d-model",
+            "128",
+            "--n-layers",
+            "3",
+            "--n-heads",
+            "4",
+            "--d-ff",
+            "256",
+            "--log-every",
+            "2",
+            "--checkpoint-every",
+            "9",
+            "--device",
+            "cpu",
+            "--max-consecutive-nans",
+            "7",
+            "--data",
+            "corpus.txt",
+        ]
     )
     m, d, t = cfg.model, cfg.data, cfg.training
     assert (m.architecture, m.size, m.state_size, m.conv_size, m.num_experts, m.expert_capacity) == (
@@ -139,7 +199,7 @@ def test_plugin_module_registers_an_architecture(tmp_path: Path, monkeypatch: py
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = parse(["--plugin", "my_plugin_arch", "--architecture", "cli_test_plugin_arch"])
     assert cfg.model.architecture == "cli_test_plugin_arch"
-    with pytest.raises(cli.ConfigError, match="--plugin.*no_such_module"):
+    with pytest.raises(cli.ConfigError, match=r"--plugin.*no_such_module"):
         parse(["--plugin", "no_such_module"])
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kubearch_trainer.config import load_config
 from kubearch_trainer.data import DataError, Dataset, build_datasets
 from kubearch_trainer.data.corpus import tiny_stories
@@ -74,9 +73,9 @@ def test_sources_file_folder_jsonl(tmp_path: Path) -> None:
     assert read_documents(folder) == ["bee " * 40, "ay " * 40]  # sorted paths: b.txt < sub/a.md
     docs = read_documents(jsonl)
     assert len(docs) == 30 and docs[3] == "line 3 " * 10
-    with pytest.raises(DataError, match="data.jsonl_field.*'body'"):
+    with pytest.raises(DataError, match=r"data.jsonl_field.*'body'"):
         read_documents(jsonl, jsonl_field="body")
-    with pytest.raises(DataError, match="data.path.*does not exist"):
+    with pytest.raises(DataError, match=r"data.path.*does not exist"):
         read_documents(tmp_path / "missing.txt")
 
     ds = build_datasets(cfg_for(jsonl, seq_len=8), "lm")
@@ -128,5 +127,5 @@ def test_eval_batches_are_fixed_and_from_the_validation_split() -> None:
 def test_unknown_task_or_dataset_name_is_refused() -> None:
     with pytest.raises(DataError, match="not one of lm"):
         build_datasets(cfg_for(), "speech")
-    with pytest.raises(DataError, match="data.dataset.*tiny_stories"):
+    with pytest.raises(DataError, match=r"data.dataset.*tiny_stories"):
         build_datasets(cfg_for(dataset="wikipedia"), "lm")

@@ -66,7 +66,6 @@ def test_ddim_with_a_perfect_denoiser_recovers_the_data() -> None:
     diffusion = GaussianDiffusion("linear", 100)
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
     gen = torch.Generator().manual_seed(3)
-    noise = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
 
     def oracle(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = diffusion.alphas_cumprod[t[0]]
@@ -74,4 +73,11 @@ def test_ddim_with_a_perfect_denoiser_recovers_the_data() -> None:
 
     out = diffusion.ddim_sample(oracle, (2, 1, 4, 4), steps=10, generator=gen, device=torch.device("cpu"))
     assert torch.allclose(out, x0, atol=1e-4)
-    assert noise.shape == out.shape
+
+
+def test_validation_loss_is_deterministic_but_training_draws_are_not() -> None:
+    model = _ddpm()
+    batch = {"images": torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))}
+    assert model(batch).loss.item() == model(batch).loss.item()  # eval: fixed-seed t and noise
+    model.train()
+    assert model(batch).loss.item() != model(batch).loss.item()

@@ -13,10 +13,36 @@ import pytest
 import torch
 
 ARGS = [
-    "--architecture", "dense", "--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64",
-    "--max-seq-len", "32", "--seq-len", "32", "--steps-per-epoch", "6", "--gradient-accumulation-steps", "2",
-    "--learning-rate", "3e-3", "--warmup-steps", "1", "--log-every", "3", "--eval-every", "0",
-    "--eval-batches", "2", "--device", "cpu",
+    "--architecture",
+    "dense",
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--max-seq-len",
+    "32",
+    "--seq-len",
+    "32",
+    "--steps-per-epoch",
+    "6",
+    "--gradient-accumulation-steps",
+    "2",
+    "--learning-rate",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--log-every",
+    "3",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "2",
+    "--device",
+    "cpu",
 ]
 
 
@@ -33,14 +59,40 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path: Path
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     two = subprocess.run(
-        [*launcher, "--standalone", "--nproc-per-node", "2", "-m", "kubearch_trainer", *ARGS,
-         "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
-        env=_env(), capture_output=True, text=True, timeout=240,
+        [
+            *launcher,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "kubearch_trainer",
+            *ARGS,
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "ddp"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     one = subprocess.run(
-        [sys.executable, "-m", "kubearch_trainer", *ARGS, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
-        env=_env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "kubearch_trainer",
+            *ARGS,
+            "--batch-size",
+            "8",
+            "--output-dir",
+            str(tmp_path / "one"),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
 

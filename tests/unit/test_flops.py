@@ -4,7 +4,6 @@ scales with the sequence length the way the architecture's cost does."""
 from __future__ import annotations
 
 import pytest
-
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.flops import (
     H100_BF16_PEAK_FLOPS,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.memory import (
     activation_bytes_per_token,

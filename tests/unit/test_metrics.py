@@ -6,11 +6,10 @@ import re
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from kubearch_trainer.config import load_config
 from kubearch_trainer.metrics import TrainMetrics
 from kubearch_trainer.trainer import train
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -41,8 +40,9 @@ def test_metrics_object_serves_its_own_registry() -> None:
         assert value(fams, "kubearch_model_metric", name="kl") == 0.25
         assert value(fams, "kubearch_moe_expert_tokens_total", expert="2") == 7.0
         assert value(fams, "kubearch_nan_steps_total") == 1
-        assert "kubearch_model_metric" in fams and all(s.labels.get("name") != "bad" for s in fams["kubearch_model"
-                                                                                              "_metric"])
+        assert "kubearch_model_metric" in fams and all(
+            s.labels.get("name") != "bad" for s in fams["kubearch_model_metric"]
+        )
     finally:
         a.close()
     assert b.port is None
@@ -63,11 +63,27 @@ def test_trainer_exports_metrics_while_training(tmp_path: Path) -> None:
 
     cfg = load_config(
         {
-            "model": {"architecture": "moe", "d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64,
-                      "num_experts": 4, "expert_capacity": 2, "max_seq_len": 32},
+            "model": {
+                "architecture": "moe",
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 2,
+                "d_ff": 64,
+                "num_experts": 4,
+                "expert_capacity": 2,
+                "max_seq_len": 32,
+            },
             "data": {"seq_len": 16},
-            "training": {"steps_per_epoch": 8, "batch_size": 4, "log_every": 4, "eval_every": 0,
-                         "eval_batches": 2, "device": "cpu", "output_dir": str(tmp_path), "metrics_port": 0},
+            "training": {
+                "steps_per_epoch": 8,
+                "batch_size": 4,
+                "log_every": 4,
+                "eval_every": 0,
+                "eval_batches": 2,
+                "device": "cpu",
+                "output_dir": str(tmp_path),
+                "metrics_port": 0,
+            },
         }
     )
     res = train(cfg, log=log)
@@ -82,7 +98,10 @@ def test_trainer_exports_metrics_while_training(tmp_path: Path) -> None:
     assert value(fams, "kubearch_tokens_per_second") > 0 and value(fams, "kubearch_peak_memory_bytes") > 0
     assert value(fams, "kubearch_nan_steps_total") == 0
     # Every token goes to k=2 experts in each of the 2 MoE layers: counts add up to 8 steps x 64 x 2 x 2.
-    experts = [value(fams, "kubearch_moe_expert_tokens_total", expert=str(i)) for i in range(4)
-               if any(s.labels.get("expert") == str(i) for s in fams["kubearch_moe_expert_tokens"])]
+    experts = [
+        value(fams, "kubearch_moe_expert_tokens_total", expert=str(i))
+        for i in range(4)
+        if any(s.labels.get("expert") == str(i) for s in fams["kubearch_moe_expert_tokens"])
+    ]
     assert sum(experts) == 8 * 4 * 16 * 2 * 2
     assert value(fams, "kubearch_model_metric", name="aux_loss") > 0

@@ -84,6 +84,15 @@ def test_transformer_hooks_one_term_per_layer(kwargs: dict, terms: set[str]) -> 
     reg.remove()
 
 
+def test_mamba_blocks_are_hooked_at_their_mixer() -> None:
+    model = build_model(ModelConfig(architecture="mamba", d_model=32, n_layers=2, vocab_size=64))
+    reg = build_regulator(RegulationConfig(enabled=True), model, "mamba")
+    ids = torch.randint(0, 64, (2, 8))
+    reg(model({"input_ids": ids, "targets": ids}), step=5)
+    assert set(reg.ema) == {"mixer0", "mixer1"}
+    reg.remove()
+
+
 def _train(arch: str, cfg: ModelConfig, batch: dict, reg_cfg: RegulationConfig | None, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)

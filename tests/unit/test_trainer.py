@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from kubearch_trainer import trainer as trainer_mod
 from kubearch_trainer.cli import run_train
 from kubearch_trainer.config import ModelConfig, load_config
 from kubearch_trainer.exit_codes import ExitCode
 from kubearch_trainer.models import KubearchModel, ModelOutput, register
 from kubearch_trainer.trainer import CHECKPOINT_NAME, RESULTS_NAME, save_checkpoint, train
+from torch import nn
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64}
 
@@ -236,5 +236,5 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
     lrs = [trainer_mod.lr_at(s, cfg) for s in range(110)]
     assert lrs[0] < lrs[5] < lrs[9] <= 1e-3  # warmup rises
     assert lrs[10] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # cosine never rises
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # cosine never rises
     assert trainer_mod.lr_at(110, cfg) == pytest.approx(1e-4)

@@ -33,7 +33,13 @@ S = argparse.SUPPRESS
 #: (flag, section, field, type, help). ``bool`` flags take ``--x`` / ``--no-x``.
 _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     # the seed's flags
-    ("--architecture", "model", "architecture", str, "dense | mamba | moe | hybrid | image families | plugins"),
+    (
+        "--architecture",
+        "model",
+        "architecture",
+        str,
+        "dense | mamba | moe | hybrid | image families | plugins",
+    ),
     ("--stage", "training", "stage", str, "language | code | image"),
     ("--model-size", "model", "size", str, "tiny | small | medium | large (search report sizes)"),
     ("--state-size", "model", "state_size", int, "Mamba state size N"),
@@ -42,7 +48,13 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("--expert-capacity", "model", "expert_capacity", int, "MoE experts per token (top-k)"),
     ("--hybrid-local-window", "model", "hybrid_local_window", int, "hybrid sliding-window size"),
     ("--batch-size", "training", "batch_size", int, "per-process micro-batch size"),
-    ("--gradient-accumulation-steps", "training", "gradient_accumulation_steps", int, "micro-batches per step"),
+    (
+        "--gradient-accumulation-steps",
+        "training",
+        "gradient_accumulation_steps",
+        int,
+        "micro-batches per step",
+    ),
     ("--use-compile", "training", "use_compile", bool, "torch.compile the model"),
     ("--use-rmsnorm", "model", "use_rmsnorm", bool, "RMSNorm instead of LayerNorm"),
     ("--use-rope", "model", "use_rope", bool, "rotary position embeddings"),
@@ -53,7 +65,13 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("--learning-rate", "training", "learning_rate", float, "peak learning rate"),
     ("--warmup-steps", "training", "warmup_steps", int, "linear warmup steps"),
     # kubearch's own
-    ("--attention", "model", "attention", str, "attention variant (baseline, lora_*, enhanced_*, rope_only, bias_only)"),
+    (
+        "--attention",
+        "model",
+        "attention",
+        str,
+        "attention variant (baseline, lora_*, enhanced_*, rope_only, bias_only)",
+    ),
     ("--d-model", "model", "d_model", int, "override the size preset's width"),
     ("--n-layers", "model", "n_layers", int, "override the preset's depth"),
     ("--n-heads", "model", "n_heads", int, "override the preset's heads"),
@@ -67,8 +85,20 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("--eval-every", "training", "eval_every", int, "evaluate every N steps (0: only at the end)"),
     ("--eval-batches", "training", "eval_batches", int, "validation batches per evaluation"),
     ("--log-every", "training", "log_every", int, "log line every N steps"),
-    ("--checkpoint-every", "training", "checkpoint_every", int, "checkpoint every N steps (0: only at the end)"),
-    ("--max-consecutive-nans", "training", "max_consecutive_nans", int, "abort after N non-finite losses in a row"),
+    (
+        "--checkpoint-every",
+        "training",
+        "checkpoint_every",
+        int,
+        "checkpoint every N steps (0: only at the end)",
+    ),
+    (
+        "--max-consecutive-nans",
+        "training",
+        "max_consecutive_nans",
+        int,
+        "abort after N non-finite losses in a row",
+    ),
     ("--seed", "training", "seed", int, "random seed"),
     ("--device", "training", "device", str, "auto | cpu | cuda"),
     ("--output-dir", "training", "output_dir", str, "checkpoints and results.json go here"),
@@ -88,7 +118,9 @@ class _Parser(argparse.ArgumentParser):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The training flags (shared by ``kubearch-train`` and ``kubearch train``)."""
-    parser.add_argument("--config", metavar="FILE.yaml", default=S, help="YAML with model/data/training sections")
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", default=S, help="YAML with model/data/training sections"
+    )
     parser.add_argument(
         "--plugin",
         metavar="MODULE",
@@ -216,7 +248,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
 def register_subcommand(name: str, help: str, configure: Callable, run: Callable) -> None:
-    """Add ``kubearch NAME``: ``configure(parser)`` adds its arguments, ``run(args)`` returns the exit code."""
+    """Add ``kubearch NAME``: ``configure(parser)`` adds arguments, ``run(args)`` returns the exit code."""
     SUBCOMMANDS[name] = Subcommand(help, configure, run)
 
 
@@ -232,10 +264,15 @@ def _run_compare(ns: argparse.Namespace) -> int:
     return run_compare_from_args(ns)
 
 
-register_subcommand("train", "train one architecture (same flags as kubearch-train)", add_train_arguments,
-                    lambda ns: _train_from_namespace(ns, "kubearch train"))
-register_subcommand("compare", "train several architectures the same way and compare them",
-                    _configure_compare, _run_compare)
+register_subcommand(
+    "train",
+    "train one architecture (same flags as kubearch-train)",
+    add_train_arguments,
+    lambda ns: _train_from_namespace(ns, "kubearch train"),
+)
+register_subcommand(
+    "compare", "train several architectures the same way and compare them", _configure_compare, _run_compare
+)
 
 
 def run_kubearch(argv: Sequence[str] | None = None) -> int:
@@ -245,6 +282,7 @@ def run_kubearch(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=command.help, description=command.help)
         command.configure(p)
     ns = parser.parse_args(argv)
+    ns.argv = list(argv) if argv is not None else sys.argv[1:]  # for reports that quote the command
     if not ns.command:
         parser.print_help()
         return int(ExitCode.CONFIG_ERROR)

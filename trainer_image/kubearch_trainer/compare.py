@@ -56,8 +56,11 @@ _STATUS_NOTES = {
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--architectures", default=DEFAULT_ARCHITECTURES,
-                   help=f"comma-separated architectures (default {DEFAULT_ARCHITECTURES})")
+    p.add_argument(
+        "--architectures",
+        default=DEFAULT_ARCHITECTURES,
+        help=f"comma-separated architectures (default {DEFAULT_ARCHITECTURES})",
+    )
     p.add_argument("--model-size", default=d["model_size"], help="size preset for every run (default tiny)")
     p.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch per process")
@@ -71,7 +74,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--nproc-per-node", type=int, default=1, help=">1 launches each run with torchrun")
     p.add_argument("--output-dir", default=d["output_dir"])
-    p.add_argument("--extra", default="", help="further trainer flags for every run, e.g. \"--use-rmsnorm --data x.txt\"")
+    p.add_argument(
+        "--extra", default="", help='further trainer flags for every run, e.g. "--use-rmsnorm --data x.txt"'
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
 
 
@@ -93,7 +98,10 @@ def run_compare_from_args(ns: argparse.Namespace) -> int:
         try:
             config_from_args(parser.parse_args(argv))
         except ConfigError as err:
-            print(f"kubearch compare: config error ({arch}):\n  " + str(err).replace("\n", "\n  "), file=sys.stderr)
+            print(
+                f"kubearch compare: config error ({arch}):\n  " + str(err).replace("\n", "\n  "),
+                file=sys.stderr,
+            )
             return int(ExitCode.CONFIG_ERROR)
         runs.append((arch, argv))
     rows = []
@@ -101,11 +109,18 @@ def run_compare_from_args(ns: argparse.Namespace) -> int:
     for arch, argv in runs:
         print(f"\n=== kubearch compare: {arch} ({len(rows) + 1}/{len(runs)}) ===", flush=True)
         rows.append(run_one(arch, argv, out / arch, ns.nproc_per_node, ns.timeout))
-    report = build_report(rows, ns, command=" ".join(["kubearch", "compare", *sys.argv[2:]]), total_s=time.time() - t0)
+    report = build_report(
+        rows,
+        ns,
+        command=shlex.join(["kubearch", *getattr(ns, "argv", ["compare"])]),
+        total_s=time.time() - t0,
+    )
     write_outputs(report, out)
     print("\n" + report["markdown_table"])
-    print(f"\nkubearch compare: {len(rows)} runs in {report['total_wall_time_s']:.0f} s; "
-          f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'loss_curves.png'}")
+    print(
+        f"\nkubearch compare: {len(rows)} runs in {report['total_wall_time_s']:.0f} s; "
+        f"wrote {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'loss_curves.png'}"
+    )
     return 0 if all(r["status"] == "completed" for r in rows) else int(ExitCode.FAILED)
 
 
@@ -113,21 +128,36 @@ def trainer_argv(ns: argparse.Namespace, arch: str, out: Path) -> list[str]:
     """The trainer flags of one run: identical for every architecture except ``--architecture``."""
     eval_every = ns.eval_every if ns.eval_every is not None else max(1, ns.steps // 4)
     argv = [
-        "--architecture", arch,
-        "--model-size", ns.model_size,
-        "--num-epochs", "1",
-        "--steps-per-epoch", str(ns.steps),
-        "--batch-size", str(ns.batch_size),
-        "--gradient-accumulation-steps", str(ns.gradient_accumulation_steps),
-        "--seq-len", str(ns.seq_len),
-        "--learning-rate", str(ns.learning_rate),
-        "--warmup-steps", str(ns.warmup_steps),
-        "--eval-every", str(eval_every),
-        "--eval-batches", str(ns.eval_batches),
-        "--log-every", str(max(1, min(10, ns.steps // 8))),
-        "--seed", str(ns.seed),
-        "--device", ns.device,
-        "--output-dir", str(out),
+        "--architecture",
+        arch,
+        "--model-size",
+        ns.model_size,
+        "--num-epochs",
+        "1",
+        "--steps-per-epoch",
+        str(ns.steps),
+        "--batch-size",
+        str(ns.batch_size),
+        "--gradient-accumulation-steps",
+        str(ns.gradient_accumulation_steps),
+        "--seq-len",
+        str(ns.seq_len),
+        "--learning-rate",
+        str(ns.learning_rate),
+        "--warmup-steps",
+        str(ns.warmup_steps),
+        "--eval-every",
+        str(eval_every),
+        "--eval-batches",
+        str(ns.eval_batches),
+        "--log-every",
+        str(max(1, min(10, ns.steps // 8))),
+        "--seed",
+        str(ns.seed),
+        "--device",
+        ns.device,
+        "--output-dir",
+        str(out),
     ]
     extra = shlex.split(ns.extra)
     if "--max-seq-len" not in extra:
@@ -144,8 +174,16 @@ def run_one(arch: str, argv: list[str], out: Path, nproc: int, timeout: float | 
     if results_path.exists():
         results_path.unlink()  # never report a previous comparison's numbers
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "kubearch_trainer", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "kubearch_trainer",
+            *argv,
+        ]
     else:
         cmd = [sys.executable, "-m", "kubearch_trainer", *argv]
     env = dict(os.environ)
@@ -175,6 +213,7 @@ def row_from_results(arch: str, res: dict[str, Any], wall: float | None = None) 
         "time_s": res.get("train_time_s"),
         "wall_time_s": res.get("wall_time_s", wall),
         "peak_memory_bytes": res.get("peak_memory_bytes"),
+        "peak_memory_above_baseline_bytes": res.get("peak_memory_above_baseline_bytes"),
         "peak_memory_kind": res.get("peak_memory_kind"),
         "final_val_loss": res.get("final_val_loss"),
         "final_train_loss": res.get("final_train_loss"),
@@ -224,6 +263,13 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 
+def memory_of(row: dict[str, Any]) -> float | None:
+    """The Memory column: CUDA peak on GPU; on CPU the peak RSS above the pre-model baseline."""
+    if row.get("peak_memory_kind") == "process_peak_rss" and row.get("peak_memory_above_baseline_bytes"):
+        return row["peak_memory_above_baseline_bytes"]
+    return row.get("peak_memory_bytes")
+
+
 def notes_for(row: dict[str, Any], base: dict[str, Any] | None) -> str:
     """Params (active for sparse models), and speed/memory relative to the task's first good row."""
     if row["status"] != "completed":
@@ -236,7 +282,7 @@ def notes_for(row: dict[str, Any], base: dict[str, Any] | None) -> str:
         tps, btps = _num(row["tokens_per_second"]), _num(base["tokens_per_second"])
         if tps and btps:
             parts.append(f"{tps / btps:.2f}x speed")
-        mem, bmem = _num(row["peak_memory_bytes"]), _num(base["peak_memory_bytes"])
+        mem, bmem = _num(memory_of(row)), _num(memory_of(base))
         if mem and bmem:
             parts.append(f"{mem / bmem:.2f}x memory")
         parts[-1] += f" vs {base['architecture']}"
@@ -255,7 +301,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         loss = _num(r["final_val_loss"])
         tps = _num(r["tokens_per_second"])
         lines.append(
-            f"| {r['architecture']} | {fmt_time(r['time_s'])} | {fmt_bytes(r['peak_memory_bytes'])} | "
+            f"| {r['architecture']} | {fmt_time(r['time_s'])} | {fmt_bytes(memory_of(r))} | "
             f"{f'{loss:.4f}' if loss is not None else '-'} | {f'{tps:,.0f}' if tps else '-'} | "
             f"{r['nan_count'] if r['nan_count'] is not None else '-'} | {notes_for(r, base)} |"
         )
@@ -267,16 +313,21 @@ def _winners(rows: list[dict[str, Any]]) -> str:
     if not ok:
         return "no run completed"
     parts = []
-    for label, key, pick in (("quality (lowest val loss)", "final_val_loss", min),
-                             ("speed (tokens/s)", "tokens_per_second", max),
-                             ("memory", "peak_memory_bytes", min)):
-        cands = [r for r in ok if _num(r[key]) is not None]
+    for label, key, pick in (
+        ("quality (lowest val loss)", "final_val_loss", min),
+        ("speed (tokens/s)", "tokens_per_second", max),
+        ("memory", "memory", min),
+    ):
+        value = memory_of if key == "memory" else (lambda r, k=key: r[k])
+        cands = [r for r in ok if _num(value(r)) is not None]
         if cands:
-            parts.append(f"{pick(cands, key=lambda r, k=key: r[k])['architecture']} for {label}")
+            parts.append(f"{pick(cands, key=value)['architecture']} for {label}")
     return "; ".join(parts)
 
 
-def build_report(rows: list[dict[str, Any]], ns: argparse.Namespace, command: str, total_s: float) -> dict[str, Any]:
+def build_report(
+    rows: list[dict[str, Any]], ns: argparse.Namespace, command: str, total_s: float
+) -> dict[str, Any]:
     tasks: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         tasks.setdefault(r["task"], []).append(r)
@@ -305,7 +356,7 @@ def build_report(rows: list[dict[str, Any]], ns: argparse.Namespace, command: st
             import torch
 
             hardware = torch.cuda.get_device_name(0)
-        except Exception:  # noqa: BLE001 - cosmetic only
+        except Exception:  # cosmetic only: keep the CPU description
             pass
     md = "\n".join(
         [
@@ -315,11 +366,13 @@ def build_report(rows: list[dict[str, Any]], ns: argparse.Namespace, command: st
             f"**Date**: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
             f"**Command**: `{command}`",
             f"**Protocol**: size `{ns.model_size}`, {ns.steps} steps, effective batch "
-            f"{protocol['effective_batch']} x {ns.seq_len} tokens, lr {ns.learning_rate}, warmup {ns.warmup_steps}, "
+            f"{protocol['effective_batch']} x {ns.seq_len} tokens, lr {ns.learning_rate}, "
+            f"warmup {ns.warmup_steps}, "
             f"seed {ns.seed}, same data for every run",
             "",
-            "Time: training time (evaluation excluded); Memory: peak CUDA allocation on GPU, process peak RSS "
-            "on CPU; Final Loss: validation loss (main loss, auxiliary losses excluded).",
+            "Time: training time (evaluation excluded); Memory: peak CUDA allocation on GPU; on CPU the "
+            "process's peak RSS above its RSS before the model was built; Final Loss: validation loss "
+            "(main loss, auxiliary losses excluded).",
             "",
             *sections,
         ]
@@ -353,7 +406,9 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
             if tr:
                 ax.plot(*zip(*tr, strict=True), color=color, label=f"{r['architecture']} train")
             if va:
-                ax.plot(*zip(*va, strict=True), "o--", color=color, alpha=0.7, label=f"{r['architecture']} val")
+                ax.plot(
+                    *zip(*va, strict=True), "o--", color=color, alpha=0.7, label=f"{r['architecture']} val"
+                )
         ax.set_title(f"kubearch compare — task {task}")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

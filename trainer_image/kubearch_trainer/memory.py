@@ -72,7 +72,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.autocast_cache + self.activations + self.logits
+        state = self.weights + self.gradients + self.optimizer
+        return state + self.autocast_cache + self.activations + self.logits
 
     @property
     def saved_for_backward(self) -> int:
@@ -88,8 +89,8 @@ def _attention_block_bytes(cfg: ModelConfig, d: int, s: int, amp: bool, moe: boo
 
     norm1 input (fp32 residual) 4d; qkv input (bf16 cast under AMP, else the norm output) s·d;
     qkv output holding q, k, v for SDPA 3·s·d; SDPA output s·d (laid out (B, T, H, hd), so the
-    reshape fed to ``out`` is a view) and log-sum-exp 4·heads; norm2 input 4d; then the MLP. RoPE adds the rotated
-    q, k and a rotation intermediate, ≈ 3·s·d (measured).
+    reshape fed to ``out`` is a view) and log-sum-exp 4·heads; norm2 input 4d; then the MLP.
+    RoPE adds the rotated q, k and a rotation intermediate, ≈ 3·s·d (measured).
     With ``moe`` the MLP is the routed experts of :func:`_moe_mlp_bytes`.
     """
     heads = cfg.resolved("n_heads")

@@ -35,8 +35,12 @@ class TrainMetrics:
         self.total_steps = gauge("kubearch_train_total_steps", "Optimizer steps planned for the run.")
         self.loss = gauge("kubearch_train_loss", "Mean training loss over the last logging window.")
         self.val_loss = gauge("kubearch_val_loss", "Validation loss at the last evaluation.")
-        self.val_accuracy = gauge("kubearch_val_accuracy", "Validation accuracy (fraction) at the last evaluation.")
-        self.tokens_per_second = gauge("kubearch_tokens_per_second", "Training throughput (tokens/s, all ranks).")
+        self.val_accuracy = gauge(
+            "kubearch_val_accuracy", "Validation accuracy (fraction) at the last evaluation."
+        )
+        self.tokens_per_second = gauge(
+            "kubearch_tokens_per_second", "Training throughput (tokens/s, all ranks)."
+        )
         self.learning_rate = gauge("kubearch_learning_rate", "Current learning rate.")
         self.grad_norm = gauge("kubearch_grad_norm", "Global gradient norm before clipping.")
         self.peak_memory = gauge("kubearch_peak_memory_bytes", "Peak memory (CUDA allocated or process RSS).")

@@ -23,11 +23,12 @@ What is regulated (v_k) per family:
 - VAE family: each entry of ``ModelOutput.regulated`` (``latent`` or ``latent_l{i}`` per level of
   the hierarchical VAE, the pre-quantisation encoder outputs of the VQ-VAE): the per-dimension
   variance over the batch, averaged over dimensions. One term per entry (layer-wise regulation).
-- Sequence models (dense, moe, hybrid, mamba): forward hooks on ``blocks[i].attn`` (if
-  ``regulate_attention``) and ``blocks[i].mlp`` (if ``regulate_ffn``), falling back to the whole
-  block when neither exists (Mamba). The statistic is the per-token variance over features, averaged
-  over tokens — the quantity LayerNorm divides by. ``layer_specific``: one term (and EMA) per hooked
-  module; otherwise one term on their mean.
+- Sequence models (dense, moe, hybrid, mamba): forward hooks on the token mixer of each block,
+  ``blocks[i].attn`` (or a Mamba block's ``blocks[i].mixer``), if ``regulate_attention``, and on
+  ``blocks[i].mlp`` if ``regulate_ffn``; a block with none of these is hooked whole. The
+  statistic is the per-token variance over features, averaged over tokens — the quantity LayerNorm
+  divides by. ``layer_specific``: one term (and EMA) per hooked module; otherwise one term on
+  their mean.
 - Diffusion: the per-sample variance of the predicted noise ε̂ with a per-sample threshold
   τ(t) = τ + max_variance·g(t/T), g = t/T (``linear``), (1 − cos(π t/T))/2 (``cosine``) or 1
   (``constant``) when ``timestep_dependent`` (else g = 1): the target noise has unit variance, and
@@ -164,11 +165,12 @@ class Regulator:
             return
         for i, block in enumerate(blocks):
             targets: list[tuple[str, nn.Module]] = []
-            if self.cfg.regulate_attention and isinstance(getattr(block, "attn", None), nn.Module):
-                targets.append((f"attn{i}", block.attn))
-            if self.cfg.regulate_ffn and isinstance(getattr(block, "mlp", None), nn.Module):
-                targets.append((f"mlp{i}", block.mlp))
-            if not targets and not hasattr(block, "attn") and not hasattr(block, "mlp"):
+            known = [n for n in ("attn", "mixer", "mlp") if isinstance(getattr(block, n, None), nn.Module)]
+            for n in known:
+                wanted = self.cfg.regulate_ffn if n == "mlp" else self.cfg.regulate_attention
+                if wanted:
+                    targets.append((f"{n}{i}", getattr(block, n)))
+            if not known:
                 targets.append((f"block{i}", block))
             for name, module in targets:
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))

@@ -109,6 +109,15 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process_peak_rss"
 
 
+def current_rss() -> int | None:
+    """Resident set size now (Linux); the baseline that CPU peak memory is compared against."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +224,10 @@ def load_checkpoint(
     saved_model = ckpt.get("config", {}).get("model")
     if saved_model is not None and saved_model != cfg.dump()["model"]:
         diff = sorted(k for k in saved_model if saved_model.get(k) != cfg.dump()["model"].get(k))
-        raise ConfigError(f"training.resume: the checkpoint in {path.parent} was written for other model settings "
-                          f"(differs in model.{', model.'.join(diff)})")
+        raise ConfigError(
+            f"training.resume: the checkpoint in {path.parent} was written for other model settings "
+            f"(differs in model.{', model.'.join(diff)})"
+        )
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if reg is not None and ckpt.get("regulator") is not None and hasattr(reg, "load_state_dict"):
@@ -242,7 +253,11 @@ def load_checkpoint(
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: Dataset, cfg: TrainConfig, dist_info: DistInfo, amp: contextlib.AbstractContextManager
+    model: torch.nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    amp: contextlib.AbstractContextManager,
 ) -> dict[str, float]:
     """Mean of the model's metrics over ``eval_batches`` validation batches, sharded over ranks.
 
@@ -263,7 +278,10 @@ def evaluate(
             continue
         with amp:
             out = model(batch)
-        values = {"loss": out.loss.detach().float(), **{k: v.detach().float() for k, v in out.metrics.items()}}
+        values = {
+            "loss": out.loss.detach().float(),
+            **{k: v.detach().float() for k, v in out.metrics.items()},
+        }
         for k, v in values.items():
             if v.dim() == 0:
                 sums[k] = sums.get(k, torch.zeros((), device=dist_info.device)) + v
@@ -314,6 +332,7 @@ def train(
         device = dist_info.device
         run_name = run_name or os.environ.get("KUBEARCH_RUN_NAME") or out_dir.name
         torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+        info["baseline_rss_bytes"] = current_rss()  # runtime + libraries, before model and data
         try:
             model = build_model(cfg.model)
         except KeyError as err:
@@ -331,7 +350,10 @@ def train(
             f"kubearch: {cfg.model.architecture} ({cfg.model.size}, {task}) dims {cfg.model.dims} | "
             f"parameters {n_total:,} total, {n_active:,} active | device {device} x{dist_info.world_size}"
         )
-        say(f"kubearch: data {data.describe()} | global batch {global_batch} ({tokens_per_step:,} tokens/step)")
+        say(
+            f"kubearch: data {data.describe()} | global batch {global_batch} "
+            f"({tokens_per_step:,} tokens/step)"
+        )
 
         if t.use_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
@@ -394,7 +416,9 @@ def train(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                batch = data.get_batch(step, micro, dist_info.rank, dist_info.world_size, t.batch_size, device)
+                batch = data.get_batch(
+                    step, micro, dist_info.rank, dist_info.world_size, t.batch_size, device
+                )
                 sync = (
                     fwd_model.no_sync()
                     if isinstance(fwd_model, DDP) and micro < accum - 1
@@ -407,8 +431,12 @@ def train(
                         if reg is not None:
                             reg_loss, reg_metrics = reg(out, step)
                             loss = loss + reg_loss
-                            out.metrics.update({f"reg_{k}" if not k.startswith("reg") else k: v
-                                                for k, v in reg_metrics.items()})
+                            out.metrics.update(
+                                {
+                                    f"reg_{k}" if not k.startswith("reg") else k: v
+                                    for k, v in reg_metrics.items()
+                                }
+                            )
                     (loss / accum).backward()
                 loss_sum += loss.detach()
                 if metrics is not None:
@@ -416,7 +444,9 @@ def train(
                     if counts is not None:
                         expert_window = counts if expert_window is None else expert_window + counts
             last_metrics = out.metrics
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, t.grad_clip if t.grad_clip > 0 else float("inf")
+            )
             bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
             all_reduce_max(bad)
             if bool(bad.item()):  # the one host sync per step (see module docstring)
@@ -472,7 +502,9 @@ def train(
                     metrics.update_step(
                         state.step, total_steps, train_loss, lr, float(last_grad_norm), tok_s, mem
                     )
-                    metrics.update_model_metrics({k: float(v) for k, v in last_metrics.items() if v.dim() == 0})
+                    metrics.update_model_metrics(
+                        {k: float(v) for k, v in last_metrics.items() if v.dim() == 0}
+                    )
                     if expert_window is not None:
                         metrics.add_expert_tokens(expert_window.tolist())
                         expert_window = None
@@ -521,8 +553,12 @@ def train(
     except NanAbort as err:
         status, code, error = "nan_abort", ExitCode.NAN_ABORT, str(err)
     except torch.cuda.OutOfMemoryError as err:
-        status, code, error = "oom", ExitCode.CUDA_OOM, f"CUDA out of memory: {str(err).splitlines()[0] if str(err) else ''}"
-    except Exception as err:  # noqa: BLE001 - any crash becomes a result, then the CLI exits FAILED
+        status, code, error = (
+            "oom",
+            ExitCode.CUDA_OOM,
+            f"CUDA out of memory: {str(err).splitlines()[0] if str(err) else ''}",
+        )
+    except Exception as err:  # any crash becomes a result, then the CLI exits FAILED
         status, code, error = "failed", ExitCode.FAILED, f"{type(err).__name__}: {err}"
         if dist_info.is_main:
             traceback.print_exc()
@@ -592,6 +628,10 @@ def _results(
         "tokens_per_second": state.tokens / train_time if train_time > 0 else 0.0,
         "peak_memory_bytes": mem,
         "peak_memory_kind": mem_kind,
+        # On CPU the RSS includes the Python/torch runtime (~0.5 GB); this is the part training added.
+        "peak_memory_above_baseline_bytes": mem - info["baseline_rss_bytes"]
+        if mem_kind == "process_peak_rss" and info.get("baseline_rss_bytes")
+        else mem,
         "final_train_loss": state.last_train_loss,
         "final_val_loss": val.get("val_loss"),
         "val_accuracy": val.get("val_accuracy"),
@@ -618,8 +658,20 @@ def _write_termination_log(results: dict[str, Any]) -> None:
     path = os.environ.get(TERMINATION_LOG_ENV)
     if not path:
         return
-    keys = ("status", "exit_code", "architecture", "size", "steps", "tokens", "final_train_loss",
-            "final_val_loss", "val_accuracy", "tokens_per_second", "peak_memory_bytes", "nan_count")
+    keys = (
+        "status",
+        "exit_code",
+        "architecture",
+        "size",
+        "steps",
+        "tokens",
+        "final_train_loss",
+        "final_val_loss",
+        "val_accuracy",
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "nan_count",
+    )
     summary = {k: results.get(k) for k in keys}
     if results.get("error"):
         summary["error"] = str(results["error"])[:1000]

@@ -53,17 +53,13 @@ def _story(rng: random.Random) -> str:
     )
     sentences.append(problem)
     sentences.append(f"{name} felt {rng.choice(['sad', 'scared', 'angry'])}.")
-    sentences.append(
-        f"{pron.capitalize()} met {friend}, a {rng.choice(_ADJECTIVES)} {rng.choice(_ANIMALS)}."
-    )
+    sentences.append(f"{pron.capitalize()} met {friend}, a {rng.choice(_ADJECTIVES)} {rng.choice(_ANIMALS)}.")
     sentences.append(f'"Can you help me find my {obj}?" asked {name}.')
     sentences.append(f'"Yes, I will help you," said {friend}.')
     for _ in range(rng.randint(1, 3)):
         verb = rng.choice(_FRIEND_ACTIONS)
         sentences.append(f"{name} and {friend} {verb} to the {rng.choice(_PLACES)}.")
-    sentences.append(
-        f"At last, {friend} {rng.choice(_VERBS_FOUND)} the {obj} and gave it back to {name}."
-    )
+    sentences.append(f"At last, {friend} {rng.choice(_VERBS_FOUND)} the {obj} and gave it back to {name}.")
     feeling = rng.choice(["happy", "excited", "proud", "glad"])
     sentences.append(f"{name} was so {feeling} that {pron} hugged {friend}.")
     moral = rng.choice(

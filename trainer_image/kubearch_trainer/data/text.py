@@ -127,9 +127,13 @@ class TextDataset:
         self._arange = torch.arange(seq_len + 1)
 
     def describe(self) -> str:
-        return f"{self.source}: {len(self.train):,} train / {len(self.val):,} val bytes, seq_len {self.seq_len}"
+        return (
+            f"{self.source}: {len(self.train):,} train / {len(self.val):,} val bytes, seq_len {self.seq_len}"
+        )
 
-    def _windows(self, data: torch.Tensor, offsets: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    def _windows(
+        self, data: torch.Tensor, offsets: torch.Tensor, device: torch.device
+    ) -> dict[str, torch.Tensor]:
         w = data[offsets[:, None] + self._arange].long()
         x, y = w[:, :-1], w[:, 1:]
         if device.type == "cuda":
@@ -147,7 +151,9 @@ class TextDataset:
     def get_batch(
         self, step: int, micro: int, rank: int, world: int, batch_size: int, device: torch.device
     ) -> dict[str, torch.Tensor]:
-        offsets = self.global_offsets(step, micro, batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+        offsets = self.global_offsets(step, micro, batch_size * world)[
+            rank * batch_size : (rank + 1) * batch_size
+        ]
         return self._windows(self.train, offsets, device)
 
     def eval_batches(self, n: int, batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -155,7 +161,9 @@ class TextDataset:
         # every run (and every architecture in a comparison) is scored on the same text.
         high = len(self.val) - self.seq_len - 1
         offsets = torch.linspace(0, high, n * batch_size).long()
-        return [self._windows(self.val, offsets[i * batch_size : (i + 1) * batch_size], device) for i in range(n)]
+        return [
+            self._windows(self.val, offsets[i * batch_size : (i + 1) * batch_size], device) for i in range(n)
+        ]
 
 
 def build_text_dataset(cfg: TrainConfig) -> TextDataset:

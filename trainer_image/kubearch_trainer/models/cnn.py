@@ -69,6 +69,7 @@ class CNNClassifier(KubearchModel):
             ch = out
         self.blocks = nn.Sequential(*blocks)
         self.feature_dim = ch
+        self.arch_dims = {"base_channels": width, "blocks": depth, "stages": stages, "feature_dim": ch}
         self.dropout = nn.Dropout(cfg.dropout)
         self.classifier = nn.Linear(ch, cfg.num_classes)
 

@@ -21,8 +21,10 @@ from torch import nn
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
-from kubearch_trainer.models.image_blocks import family_dims, groups_for, max_downsamples
+from kubearch_trainer.models.image_blocks import family_dims, groups_for, max_downsamples, sample_quality
 from kubearch_trainer.models.registry import register
+
+EVAL_SEED = 1234
 
 
 def beta_schedule(name: str, timesteps: int) -> torch.Tensor:
@@ -179,14 +181,23 @@ class GaussianDiffusion(nn.Module):
 
 
 def _draws(
-    batch: dict[str, torch.Tensor], x0: torch.Tensor, timesteps: int
+    batch: dict[str, torch.Tensor], x0: torch.Tensor, timesteps: int, training: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, ε) for a forward pass: from the batch if given, else random.
+
+    In eval mode the draws come from a fixed-seed generator, so validation losses are the same on
+    every evaluation and comparable between runs and checkpoints.
+    """
+    b = x0.shape[0]
     t = batch.get("timesteps")
-    if t is None:
-        t = torch.randint(0, timesteps, (x0.shape[0],), device=x0.device)
     noise = batch.get("noise")
-    if noise is None:
-        noise = torch.randn_like(x0)
+    if training:
+        t = torch.randint(0, timesteps, (b,), device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+    else:
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        t = torch.randint(0, timesteps, (b,), generator=gen) if t is None else t
+        noise = torch.randn(x0.shape, generator=gen) if noise is None else noise
     return t.to(x0.device).long(), noise.to(x0)
 
 
@@ -203,11 +214,12 @@ class DDPM(KubearchModel):
         if cfg.image_size % 2 ** (levels - 1):
             raise ValueError(f"model.image_size ({cfg.image_size}) must be divisible by {2 ** (levels - 1)}")
         self.net = UNet(cfg.image_channels, width, levels)
+        self.arch_dims = {"base_channels": width, "levels": levels, "timesteps": cfg.diffusion_timesteps}
         self.diffusion = GaussianDiffusion(cfg.noise_schedule, cfg.diffusion_timesteps)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         x0 = batch["images"] * 2 - 1
-        t, noise = _draws(batch, x0, self.diffusion.timesteps)
+        t, noise = _draws(batch, x0, self.diffusion.timesteps, self.training)
         x_t = self.diffusion.q_sample(x0, t, noise)
         pred = self.net(x_t, t)
         loss = F.mse_loss(pred.float(), noise.float())
@@ -231,31 +243,20 @@ class DDPM(KubearchModel):
 
     @torch.no_grad()
     def evaluate_extra(self, val_dataset: Any, n_samples: int = 64) -> dict[str, float]:
-        """FID-free sample-quality proxies on ``n_samples`` DDIM samples vs as many validation images.
+        """FID-free sample-quality proxies of ``n_samples`` DDIM samples (see ``sample_quality``)."""
+        return _sample_extra(self, val_dataset, n_samples)
 
-        ``sample_nn_distance``: mean L2 distance (per pixel RMS) from each sample to its nearest
-        validation image (lower = closer to the data; 0 would also mean memorisation);
-        ``sample_mean_gap`` / ``sample_std_gap``: |difference| of pixel mean / std to the data's.
-        """
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            samples = self.sample(n_samples, generator=gen).float().flatten(1)
-        finally:
-            self.train(was_training)
-        real = (
-            torch.cat([b["images"] for b in val_dataset.eval_batches(1, n_samples, device)])
-            .float()
-            .flatten(1)
-        )
-        dist = torch.cdist(samples, real) / math.sqrt(samples.shape[1])
-        return {
-            "sample_nn_distance": float(dist.min(dim=1).values.mean()),
-            "sample_mean_gap": float((samples.mean() - real.mean()).abs()),
-            "sample_std_gap": float((samples.std() - real.std()).abs()),
-        }
+
+def _sample_extra(model: Any, val_dataset: Any, n_samples: int) -> dict[str, float]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        samples = model.sample(n_samples, generator=torch.Generator().manual_seed(0))
+    finally:
+        model.train(was_training)
+    real = torch.cat([b["images"] for b in val_dataset.eval_batches(1, n_samples, device)])
+    return sample_quality(samples, real)
 
 
 class _LatentDenoiser(nn.Module):
@@ -296,13 +297,16 @@ class LatentDiffusion(KubearchModel):
         self.vae = VAE(cfg)
         width, depth = family_dims(cfg, "diffusion")
         self.denoiser = _LatentDenoiser(cfg.latent_dim, 8 * width, 2 * depth)
+        self.arch_dims = {**self.vae.arch_dims, "denoiser_hidden": 8 * width, "denoiser_layers": 2 * depth}
         self.diffusion = GaussianDiffusion(cfg.noise_schedule, cfg.diffusion_timesteps)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         vae_out = self.vae(batch)
         with torch.no_grad():
             z0 = self.vae.encode(batch["images"])[0]
-        t, noise = _draws({k: v for k, v in batch.items() if k != "noise"}, z0, self.diffusion.timesteps)
+        # a "noise" entry in the batch is pixel noise for ddpm; latent noise is always drawn here
+        latent_batch = {k: v for k, v in batch.items() if k != "noise"}
+        t, noise = _draws(latent_batch, z0, self.diffusion.timesteps, self.training)
         pred = self.denoiser(self.diffusion.q_sample(z0, t, noise), t)
         mse = F.mse_loss(pred.float(), noise.float())
         metrics = dict(vae_out.metrics)
@@ -328,3 +332,8 @@ class LatentDiffusion(KubearchModel):
             clip=None,
         )
         return torch.sigmoid(self.vae.decode(z))
+
+    @torch.no_grad()
+    def evaluate_extra(self, val_dataset: Any, n_samples: int = 64) -> dict[str, float]:
+        """Sample-quality proxies of latent-DDIM samples, plus the VAE's extras (MIG on shapes)."""
+        return {**self.vae.evaluate_extra(val_dataset), **_sample_extra(self, val_dataset, n_samples)}

@@ -37,6 +37,7 @@ class RecurrentLM(KubearchModel):
         super().__init__(cfg)
         hidden, depth = family_dims(cfg, "recurrent")
         self.hidden_size, self.depth = hidden, max(1, depth)
+        self.arch_dims = {"hidden_size": hidden, "n_layers": self.depth}
         self.embed = nn.Embedding(cfg.vocab_size, hidden)
         self.rnn = self.cell(
             hidden,

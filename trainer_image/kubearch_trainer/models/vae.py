@@ -25,7 +25,13 @@ from torch import nn
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
-from kubearch_trainer.models.image_blocks import ConvDecoder, ConvEncoder, family_dims, max_downsamples
+from kubearch_trainer.models.image_blocks import (
+    ConvDecoder,
+    ConvEncoder,
+    family_dims,
+    max_downsamples,
+    sample_quality,
+)
 from kubearch_trainer.models.registry import register
 
 _LOGVAR_RANGE = (-10.0, 10.0)  # keeps exp(logvar) finite early in training and under AMP
@@ -68,6 +74,8 @@ class _ImageVAEBase(KubearchModel):
         self.feat_channels = self.encoder.out_channels
         self.feat_dim = self.feat_channels * self.side * self.side
         self.width = width
+        #: What --model-size resolved to for this family (the transformer dims do not apply).
+        self.arch_dims = {"base_channels": width, "stages": self.stages, "latent_dim": cfg.latent_dim}
 
     def _decode_features(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.decoder(h)
@@ -82,27 +90,35 @@ class _ImageVAEBase(KubearchModel):
 
     @torch.no_grad()
     def evaluate_extra(self, val_dataset: Any, n_batches: int = 8, batch_size: int = 64) -> dict[str, float]:
-        """End-of-run extras for results.json: MIG when the validation data carries ``factors``."""
-        from kubearch_trainer.disentanglement import mig_score
+        """End-of-run extras for results.json (the train loop calls this once, after training).
 
+        ``mig`` and ``active_latents`` (latent dims whose posterior mean varies, Var > 0.01) when
+        the validation batches carry ``factors``; FID-free sample-quality proxies
+        (:func:`~kubearch_trainer.models.image_blocks.sample_quality`) when the model can sample.
+        """
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
-        codes, factors = [], []
         try:
-            for batch in val_dataset.eval_batches(n_batches, batch_size, device):
-                if "factors" not in batch:
-                    return {}
-                codes.append(self.encode_mean(batch["images"]).float().cpu())
-                factors.append(batch["factors"].cpu())
+            out = self._mig_extra(val_dataset.eval_batches(n_batches, batch_size, device))
+            sample = getattr(self, "sample", None)
+            if callable(sample):
+                samples = sample(batch_size, generator=torch.Generator().manual_seed(0))
+                real = torch.cat([b["images"] for b in val_dataset.eval_batches(1, batch_size, device)])
+                out.update(sample_quality(samples, real))
         finally:
             self.train(was_training)
-        if not codes:
+        return out
+
+    def _mig_extra(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        from kubearch_trainer.disentanglement import mig_score
+
+        if not batches or any("factors" not in b for b in batches):
             return {}
-        z = torch.cat(codes).numpy()
-        v = torch.cat(factors).numpy()
-        active = float((torch.from_numpy(z).var(0) > 1e-2).sum())
-        return {"mig": mig_score(z, v), "active_latents": active}
+        z = torch.cat([self.encode_mean(b["images"]).float().cpu() for b in batches])
+        v = torch.cat([b["factors"].cpu() for b in batches]).numpy()
+        active = float((z.var(0) > 1e-2).sum())
+        return {"mig": mig_score(z.numpy(), v), "active_latents": active}
 
 
 class _GaussianVAE(_ImageVAEBase):
@@ -184,6 +200,7 @@ class VQVAE(_ImageVAEBase):
         super().__init__(cfg)
         d, k = cfg.latent_dim, cfg.codebook_size
         self.dead_code_steps = cfg.dead_code_steps
+        self.arch_dims["codebook_size"] = k
         self.pre_quant = nn.Conv2d(self.feat_channels, d, 1)
         self.post_quant = nn.Conv2d(d, self.feat_channels, 1)
         self.register_buffer("codebook", torch.randn(k, d) / math.sqrt(d))
@@ -320,6 +337,7 @@ class HierarchicalVAE(_ImageVAEBase):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.levels = 2 if cfg.size in ("tiny", "small") else 3
+        self.arch_dims["levels"] = self.levels
         d = cfg.latent_dim
         hidden = max(64, 4 * d)
         self.bottom_up = nn.ModuleList(

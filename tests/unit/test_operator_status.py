@@ -1,0 +1,238 @@
+"""The pure lifecycle step: pods (+ stored status) -> new status and actions."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kubearch_operator.api import TrainingRunStatus, parse_spec
+from kubearch_operator.builders import build_pods, plan_run
+from kubearch_operator.status import (
+    Decision,
+    classify_failure,
+    invalid_spec,
+    pod_view,
+    reconcile,
+    rfc3339,
+    set_condition,
+)
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+RUN = "demo"
+
+
+def make_spec(**run_policy: Any):
+    return parse_spec({"resources": {"nodes": 2, "gpusPerNode": 1}, "runPolicy": run_policy})
+
+
+def make_pods(spec, attempt: int = 0, phases: tuple[str, ...] = ("Pending", "Pending")) -> list[dict]:
+    pods = build_pods(RUN, "ns", "uid", spec, plan_run(spec).shape, attempt)
+    for pod, phase in zip(pods, phases, strict=True):
+        pod["status"] = {"phase": phase}
+    return pods
+
+
+def terminate(pod: dict, phase: str, code: int, message: str = "", reason: str = "Error") -> dict:
+    pod["status"] = {
+        "phase": phase,
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "state": {"terminated": {"exitCode": code, "reason": reason, "message": message}},
+            }
+        ],
+    }
+    return pod
+
+
+def step(spec, status: TrainingRunStatus, pods: list[dict], now: datetime = NOW) -> Decision:
+    return reconcile(spec, status, pods, now, run=RUN, nodes=2, generation=3)
+
+
+def running_status(**kw: Any) -> TrainingRunStatus:
+    return TrainingRunStatus(phase="Running", start_time=rfc3339(NOW - timedelta(seconds=10)), **kw)
+
+
+def cond(status: TrainingRunStatus, type_: str):
+    return next(c for c in status.conditions if c.type == type_)
+
+
+def test_new_run_creates_its_group() -> None:
+    d = step(make_spec(), TrainingRunStatus(), [])
+    assert d.create_group and not d.resume and not d.delete_pods
+    assert d.status.phase == "Created" and d.status.start_time == rfc3339(NOW)
+    assert cond(d.status, "Created").reason == "PodsCreated" and d.status.observed_generation == 3
+
+
+def test_all_running_is_running_and_counts_replicas() -> None:
+    spec = make_spec()
+    d = step(spec, TrainingRunStatus(phase="Created"), make_pods(spec, phases=("Running", "Running")))
+    assert d.status.phase == "Running" and not d.create_group
+    assert d.status.replica_statuses["Master"].active == 1 and d.status.replica_statuses["Worker"].active == 1
+
+
+def test_partial_creation_is_completed_not_restarted() -> None:
+    spec = make_spec()
+    d = step(spec, TrainingRunStatus(phase="Created"), make_pods(spec)[:1])
+    assert d.create_group and d.status.restart_count == 0 and not d.delete_pods
+
+
+def test_retryable_failure_restarts_the_whole_group() -> None:
+    spec = make_spec(backoffLimit=2)
+    pods = make_pods(spec, phases=("Running", "Running"))
+    terminate(pods[1], "Failed", 137)
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Restarting" and d.status.restart_count == 1
+    assert sorted(d.delete_pods) == ["demo-master-0", "demo-worker-1"]  # the healthy master goes too
+    assert cond(d.status, "Restarting").reason == "Signal9" and "1 of 2" in d.status.message
+    assert not d.create_group
+
+
+def test_next_attempt_waits_for_the_old_pods_then_resumes() -> None:
+    spec = make_spec()
+    restarting = TrainingRunStatus(phase="Restarting", restart_count=1, start_time=rfc3339(NOW))
+    set_condition(restarting, "Restarting", "True", "Signal9", "pod demo-worker-1 exited 137", NOW)
+    old = make_pods(spec, attempt=0)
+    d = step(spec, restarting, old)
+    assert not d.create_group and sorted(d.delete_pods) == ["demo-master-0", "demo-worker-1"]
+    d = step(spec, restarting, [])
+    assert d.create_group and d.resume and d.status.phase == "Restarting"
+    d = step(spec, d.status, make_pods(spec, attempt=1, phases=("Running", "Running")))
+    assert d.status.phase == "Running" and cond(d.status, "Restarting").status == "False"
+
+
+def test_backoff_limit_fails_the_run_and_cleans_running_pods() -> None:
+    spec = make_spec(backoffLimit=1)
+    pods = make_pods(spec, attempt=1, phases=("Running", "Running"))
+    terminate(pods[0], "Failed", 1)
+    d = step(spec, running_status(restart_count=1), pods)
+    assert d.status.phase == "Failed" and cond(d.status, "Failed").reason == "BackoffLimitExceeded"
+    assert d.delete_pods == ["demo-worker-1"]  # cleanPodPolicy Running: only the unfinished one
+    assert d.status.completion_time == rfc3339(NOW) and cond(d.status, "Running").status == "False"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(64, "ConfigError"), (65, "DataError"), (66, "NaNAbort"), (67, "CudaOOM")]
+)
+def test_permanent_exit_codes_are_not_retried(code: int, reason: str) -> None:
+    spec = make_spec(backoffLimit=5)
+    pods = make_pods(spec, phases=("Running", "Running"))
+    terminate(pods[1], "Failed", code)
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Failed" and d.status.restart_count == 0
+    assert cond(d.status, "Failed").reason == reason and "not retried" in d.status.message
+
+
+def test_failure_message_carries_the_trainers_error() -> None:
+    pod = make_pods(make_spec())[1]
+    report = json.dumps(
+        {"status": "failed", "exit_code": 67, "error": "CUDA out of memory. Tried to allocate"}
+    )
+    failure = classify_failure(pod_view(terminate(pod, "Failed", 67, report)))
+    assert not failure.retryable and failure.message.endswith(
+        "not retried: CUDA out of memory. Tried to allocate"
+    )
+
+
+def test_classification() -> None:
+    spec = make_spec()
+    pod = make_pods(spec)[0]
+    assert not classify_failure(pod_view(terminate(pod, "Failed", 137, reason="OOMKilled"))).retryable
+    assert classify_failure(pod_view(terminate(pod, "Failed", 143))).reason == "Signal15"
+    assert classify_failure(pod_view(terminate(pod, "Failed", 2))).retryable
+    evicted = {**pod, "status": {"phase": "Failed", "reason": "Evicted"}}
+    assert (
+        classify_failure(pod_view(evicted)).retryable
+        and classify_failure(pod_view(evicted)).reason == "Evicted"
+    )
+
+
+def test_a_pod_lost_while_running_restarts_the_group() -> None:
+    spec = make_spec(backoffLimit=1)
+    pods = make_pods(spec, phases=("Running", "Running"))[:1]
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Restarting" and cond(d.status, "Restarting").reason == "PodLost"
+
+
+def test_master_success_succeeds_and_reports_progress() -> None:
+    spec = make_spec(cleanPodPolicy="Running")
+    pods = make_pods(spec, phases=("Running", "Running"))
+    # the trainer's termination summary (kubearch_trainer.trainer._write_termination_log)
+    summary = {"status": "completed", "exit_code": 0, "steps": 500, "final_train_loss": 2.5}
+    summary |= {"final_val_loss": 2.7, "tokens_per_second": 1000.0, "val_accuracy": None, "device": "cuda:0"}
+    terminate(pods[0], "Succeeded", 0, json.dumps(summary), reason="Completed")
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Succeeded" and d.delete_pods == ["demo-worker-1"]
+    assert (d.status.progress.step, d.status.progress.loss, d.status.progress.tokens_per_second) == (
+        500,
+        2.5,
+        1000.0,
+    )
+    assert d.status.metrics == {"final_val_loss": 2.7}
+
+
+def test_nan_loss_is_not_written() -> None:
+    spec = make_spec()
+    pods = make_pods(spec, phases=("Running", "Running"))
+    pods[0]["metadata"]["annotations"] = {"kubearch.dev/progress": '{"step": 7, "loss": NaN}'}
+    d = step(spec, running_status(), pods)
+    assert d.status.progress.step == 7 and d.status.progress.loss is None
+
+
+@pytest.mark.parametrize(("policy", "deleted"), [("None", []), ("Running", ["demo-worker-1"]), ("All", None)])
+def test_clean_pod_policy_at_terminal_phase(policy: str, deleted: list[str] | None) -> None:
+    spec = make_spec(cleanPodPolicy=policy)
+    pods = make_pods(spec, phases=("Running", "Running"))
+    terminate(pods[0], "Succeeded", 0)
+    done = TrainingRunStatus(phase="Succeeded", completion_time=rfc3339(NOW))
+    d = step(spec, done, pods)
+    assert sorted(d.delete_pods) == (deleted if deleted is not None else ["demo-master-0", "demo-worker-1"])
+    assert d.status.phase == "Succeeded" and not d.create_group
+
+
+def test_ttl_after_finished() -> None:
+    spec = make_spec(ttlSecondsAfterFinished=60)
+    done = TrainingRunStatus(phase="Failed", completion_time=rfc3339(NOW))
+    early = step(spec, done, [], NOW + timedelta(seconds=20))
+    assert not early.delete_run and early.requeue_after == pytest.approx(40)
+    assert step(spec, done, [], NOW + timedelta(seconds=61)).delete_run
+
+
+def test_active_deadline() -> None:
+    spec = make_spec(activeDeadlineSeconds=60)
+    started = TrainingRunStatus(phase="Running", start_time=rfc3339(NOW - timedelta(seconds=30)))
+    pods = make_pods(spec, phases=("Running", "Running"))
+    d = step(spec, started, pods)
+    assert d.status.phase == "Running" and d.requeue_after == pytest.approx(30)
+    d = step(spec, started, pods, NOW + timedelta(seconds=31))
+    assert d.status.phase == "Failed" and cond(d.status, "Failed").reason == "DeadlineExceeded"
+    assert sorted(d.delete_pods) == ["demo-master-0", "demo-worker-1"]
+
+
+def test_suspend_then_resume() -> None:
+    spec = make_spec(suspend=True, activeDeadlineSeconds=60)
+    d = step(spec, running_status(restart_count=1), make_pods(spec, attempt=1, phases=("Running", "Running")))
+    assert d.status.phase == "Suspended" and sorted(d.delete_pods) == ["demo-master-0", "demo-worker-1"]
+    assert d.status.start_time is None and d.status.restart_count == 1  # the deadline clock resets
+    resumed = step(make_spec(suspend=False), d.status, [])
+    assert resumed.create_group and resumed.resume
+    assert resumed.status.phase == "Created" and cond(resumed.status, "Suspended").reason == "Resumed"
+    assert resumed.status.start_time == rfc3339(NOW)
+
+
+def test_condition_transition_time_moves_only_on_change() -> None:
+    st = TrainingRunStatus()
+    set_condition(st, "Running", "True", "A", "a", NOW)
+    set_condition(st, "Running", "True", "B", "b", NOW + timedelta(seconds=5))
+    assert cond(st, "Running").last_transition_time == rfc3339(NOW) and cond(st, "Running").reason == "B"
+    set_condition(st, "Running", "False", "C", "c", NOW + timedelta(seconds=9))
+    assert cond(st, "Running").last_transition_time == rfc3339(NOW + timedelta(seconds=9))
+
+
+def test_invalid_spec_changes_only_a_condition() -> None:
+    st = running_status(restart_count=2)
+    new = invalid_spec(st, "spec.model: d_model (100) must be divisible by n_heads (3)", NOW, 4)
+    assert new.phase == "Running" and new.restart_count == 2
+    assert cond(new, "SpecValid").status == "False" and "divisible" in cond(new, "SpecValid").message
