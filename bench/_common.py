@@ -47,6 +47,11 @@ def command_line(script: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", f"bench/{script}", *args])
 
 
+def result_name(name: str, tag: str = "") -> str:
+    """``name`` or ``name-tag``: runs of one bench with different flags on one day stay apart."""
+    return f"{name}-{_slug(tag)}" if tag else name
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

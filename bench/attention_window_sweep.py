@@ -61,16 +61,12 @@ def implementations(device: torch.device, window: int) -> dict[str, Any]:
 
     impls["sdpa_window_mask"] = sdpa_masked
     if device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        flex = torch.compile(flex_attention, dynamic=False)
-
-        def sliding(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        # the trainer's own helper: compiled flex_attention, block mask cached per (T, window)
+        from kubearch_trainer.kernels.window_attention import sliding_window_attention, window_block_mask
 
         def flex_window(t: int):
-            block_mask = create_block_mask(sliding, None, None, t, t, device=device)
-            return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+            window_block_mask(t, window, str(device))  # built once, outside the timed region
+            return lambda q, k, v: sliding_window_attention(q, k, v, window, backend="flex")
 
         impls["flex_window"] = flex_window
     return impls
@@ -156,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="CPU smoke run with tiny shapes.")
+    p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--out-dir", type=Path, default=_common.RESULTS)
     p.add_argument("--peak-flops", type=float, default=989e12)
     args = p.parse_args(argv)
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>17} T={t:<6} {row['status']} {row.get('ms', 0):.3f} ms", flush=True)
     command = _common.command_line("attention_window_sweep.py", argv)
     paths = _common.write_results(
-        "attention_window_sweep",
+        _common.result_name("attention_window_sweep", args.tag),
         rows,
         COLUMNS,
         plot,

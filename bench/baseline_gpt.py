@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=VOCAB)
     p.add_argument("--shapes", default="all", help="Comma-separated indices into the issue's shapes (0-3).")
     p.add_argument("--quick", action="store_true", help="CPU smoke run, one tiny shape.")
+    p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--out-dir", type=Path, default=_common.RESULTS)
     p.add_argument("--peak-flops", type=float, default=989e12)
     args = p.parse_args(argv)
@@ -210,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     command = _common.command_line("baseline_gpt.py", argv)
     paths = _common.write_results(
-        "baseline_gpt", rows, COLUMNS, plot, args.out_dir, "Plain GPT baseline", command
+        _common.result_name("baseline_gpt", args.tag),
+        rows,
+        COLUMNS,
+        plot,
+        args.out_dir,
+        "Plain GPT baseline",
+        command,
     )
     print("\n" + paths[1].read_text())
     return 0

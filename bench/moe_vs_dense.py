@@ -101,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             )
     command = _common.command_line("moe_vs_dense.py", argv)
     paths = _common.write_results(
-        "moe_vs_dense", rows, COLUMNS, plot, args.out_dir, "MoE vs dense at equal active parameters", command
+        _common.result_name("moe_vs_dense", args.tag),
+        rows,
+        COLUMNS,
+        plot,
+        args.out_dir,
+        "MoE vs dense at equal active parameters",
+        command,
     )
     print("\n" + paths[1].read_text())
     return 0

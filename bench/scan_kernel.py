@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="Also time the tiled kernel over tile × block_d × num_warps (first --seq-lens value).",
+    )
+    p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--out-dir", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
@@ -187,6 +193,51 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{name:>24} L={length:<6} {1e3 * sec:8.3f} ms fwd+bwd", flush=True)
 
+    if args.sweep:  # tuning grid for the tiled kernel; the fastest goes into the defaults
+        length = int(args.seq_lens.split(",")[0])
+        ins = inputs(args.batch, length, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        gy = torch.randn(ins[0].shape, device=device, generator=gen).to(ins[0].dtype)
+        grid = [(t, bd, w) for t in (8, 16, 32) for bd in (8, 16, 32) for w in (2, 4, 8)]
+        for tile, bd, warps in grid if not args.quick else grid[:2]:
+            fn = lambda *x, t=tile, b=bd, w=warps: selective_scan_triton(  # noqa: E731
+                *x, impl="tiled", chunk=max(args.chunk, t), tile=t, block_d=b, num_warps=w
+            )
+            name = f"tiled_t{tile}_d{bd}_w{warps}"
+            try:
+                sec = _common.median(
+                    _common.time_fn(lambda fn=fn: fwd_bwd(fn, ins, gy), device, args.warmup, args.steps)
+                )
+            except Exception as err:
+                rows.append(
+                    {
+                        "architecture": name,
+                        "size": f"D{args.d_inner}N{args.state}",
+                        "seq_len": length,
+                        "batch_size": args.batch,
+                        "status": f"failed: {type(err).__name__}",
+                        "tokens_per_s": None,
+                        "mfu": None,
+                        "peak_memory_bytes": None,
+                        **stamp,
+                    }
+                )
+                continue
+            rows.append(
+                {
+                    "architecture": name,
+                    "size": f"D{args.d_inner}N{args.state}",
+                    "seq_len": length,
+                    "batch_size": args.batch,
+                    "ms": 1e3 * sec,
+                    "tokens_per_s": args.batch * length / sec,
+                    "mfu": None,
+                    "peak_memory_bytes": None,
+                    "status": "ok",
+                    **stamp,
+                }
+            )
+            print(f"{name:>24} L={length:<6} {1e3 * sec:8.3f} ms fwd+bwd", flush=True)
+
     columns = (
         ("architecture", "Implementation"),
         ("size", "Shape"),
@@ -200,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_dir = args.out_dir or _common.RESULTS
     paths = _common.write_results(
-        "scan_kernel",
+        _common.result_name("scan_kernel", args.tag),
         rows,
         columns,
         None,

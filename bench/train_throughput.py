@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--issue-shapes", action="store_true", help="Dense at issue 5's four GPT shapes.")
     p.add_argument("--quick", action="store_true", help="CPU smoke run with tiny shapes.")
+    p.add_argument("--tag", default="", help="Suffix of the result file names.")
     p.add_argument("--out-dir", type=Path, default=_common.RESULTS)
     p.add_argument("--peak-flops", type=float, default=989e12)
     args = p.parse_args(argv)
@@ -118,22 +119,24 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def ensure_process_group(device: torch.device) -> None:
-    """A one-process group (rank 0 of 1) so DDP's overhead can be measured without torchrun."""
-    import os
+    """A one-process group (rank 0 of 1) so DDP's overhead can be measured without torchrun.
+
+    Rendezvous through a free local TCP port given explicitly, so no MASTER_* variable is left
+    behind in the environment of the calling process.
+    """
     import socket
 
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    with socket.socket() as sock:  # a free local port for the rendezvous
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -232,6 +235,7 @@ def _measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.devic
         checkpointing=args.checkpointing,
         scan="fused" if device.type == "cuda" else "torch",
         n_params=model.num_params(),
+        ddp=args.ddp,
     )
     row.update(
         status="ok",
@@ -290,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     command = _common.command_line("train_throughput.py", argv)
     paths = _common.write_results(
-        "train_throughput", rows, COLUMNS, plot, args.out_dir, "Training throughput", command
+        _common.result_name("train_throughput", args.tag),
+        rows,
+        COLUMNS,
+        plot,
+        args.out_dir,
+        "Training throughput",
+        command,
     )
     print("\n" + paths[1].read_text())
     print("wrote", *(str(p) for p in paths if p))

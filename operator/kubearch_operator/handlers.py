@@ -155,15 +155,17 @@ def _post_event(run: dict[str, Any], type_: str, reason: str, message: str) -> N
         log.warning("could not post event %s: %s", reason, err.reason)
 
 
-def _ensure_group(run: dict[str, Any], spec: Any, plan: builders.RunPlan, attempt: int, resume: bool) -> int:
-    """Service, ConfigMap, PodGroup (gang) and the pods of ``attempt``; returns pods created."""
+def _ensure_group(
+    run: dict[str, Any], spec: Any, plan: builders.RunPlan, shape: Any, attempt: int, resume: bool
+) -> int:
+    """Service, ConfigMap, PodGroup (gang) and the pods of ``attempt`` in ``shape``; pods created."""
     core, custom = _clients["core"], _clients["custom"]
     name, ns, uid = run["metadata"]["name"], run["metadata"]["namespace"], run["metadata"]["uid"]
     _create_if_absent(core.create_namespaced_service, ns, builders.build_service(name, ns, uid, spec))
     cm = builders.build_configmap(name, ns, uid, plan, resume=resume)
     if not _create_if_absent(core.create_namespaced_config_map, ns, cm):
         core.patch_namespaced_config_map(cm["metadata"]["name"], ns, {"data": cm["data"]})
-    group = builders.build_pod_group(name, ns, uid, spec, plan.shape)
+    group = builders.build_pod_group(name, ns, uid, spec, shape)
     if group is not None:
         api_group, version = group["apiVersion"].split("/")
         try:
@@ -176,7 +178,7 @@ def _ensure_group(run: dict[str, Any], spec: Any, plan: builders.RunPlan, attemp
             if err.status != 409:
                 raise
     created = 0
-    for pod in builders.build_pods(name, ns, uid, spec, plan.shape, attempt):
+    for pod in builders.build_pods(name, ns, uid, spec, shape, attempt):
         if _create_if_absent(core.create_namespaced_pod, ns, pod):
             created += 1
     POD_CREATIONS.inc(created)
@@ -242,8 +244,7 @@ def reconcile_run(namespace: str, name: str) -> float | None:
         if all(o.get("uid") != meta["uid"] for o in p["metadata"].get("ownerReferences") or [])
     ]
     owned = [p for p in pods if p not in foreign]
-    decision = reconcile(spec, status, owned, now, run=name, nodes=plan.nodes, generation=generation)
-    decision.status.chosen_shape = plan.shape
+    decision = reconcile(spec, status, owned, now, run=name, shape=plan.shape, generation=generation)
     for pod in foreign:
         if not pod["metadata"].get("deletionTimestamp"):
             _delete_pod(namespace, pod["metadata"]["name"])
@@ -251,7 +252,8 @@ def reconcile_run(namespace: str, name: str) -> float | None:
         _delete_pod(namespace, pod_name)
     if decision.create_group and not foreign:
         try:
-            _ensure_group(run, spec, plan, decision.status.restart_count, decision.resume)
+            shape = decision.status.chosen_shape or plan.shape
+            _ensure_group(run, spec, plan, shape, decision.status.restart_count, decision.resume)
         except ConfigError as err:
             decision.status = invalid_spec(decision.status, str(err), now, generation)
     new = decision.status.model_dump(mode="json", by_alias=True)

@@ -31,7 +31,15 @@ from typing import Any
 
 from kubearch_trainer.exit_codes import PERMANENT_EXIT_CODES, RETRYABLE_SIGNAL_EXIT_CODES, ExitCode
 
-from .api import TERMINAL_PHASES, Condition, Progress, ReplicaStatus, TrainingRunSpec, TrainingRunStatus
+from .api import (
+    TERMINAL_PHASES,
+    ChosenShape,
+    Condition,
+    Progress,
+    ReplicaStatus,
+    TrainingRunSpec,
+    TrainingRunStatus,
+)
 from .builders import ATTEMPT_LABEL, CONTAINER, INDEX_LABEL, PROGRESS_ANNOTATION, pod_name
 
 #: Pod-level reasons (pod.status.reason) that mean the node or the scheduler took the pod away.
@@ -268,17 +276,25 @@ def reconcile(
     now: datetime,
     *,
     run: str,
-    nodes: int,
+    shape: ChosenShape,
     generation: int | None = None,
 ) -> Decision:
-    """The whole lifecycle step for run ``run``; ``nodes`` = pods per group (the plan's shape)."""
+    """The whole lifecycle step for run ``run``; ``shape`` = what the current spec asks for.
+
+    A group that exists keeps the shape it was created with (``status.chosenShape``): changes to
+    the spec's shape, model or data apply when the next group is created (restart or resume).
+    """
     st = status.model_copy(deep=True)
     st.observed_generation = generation
     set_condition(st, "SpecValid", "True", "Valid", "spec accepted", now)
     d = Decision(status=st)
     views = [pod_view(p) for p in pods]
-    current = [v for v in views if v.attempt == st.restart_count]
-    stale = [v for v in views if v.attempt != st.restart_count]
+    same_attempt = [v for v in views if v.attempt == st.restart_count]
+    if st.chosen_shape is None or not same_attempt:
+        st.chosen_shape = shape
+    nodes = st.chosen_shape.nodes
+    current = [v for v in same_attempt if v.index < nodes]
+    stale = [v for v in views if v not in current]
     if current:
         st.replica_statuses = _replica_statuses(current)
     for v in sorted(current, key=lambda v: v.index, reverse=True):  # the master's report wins

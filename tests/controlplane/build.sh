@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build a pinned Kubernetes control plane from source for the integration tests:
-# kube-apiserver, kube-controller-manager (garbage collector -> ownerReference cascade), a kubectl
-# of the same version, and etcd, into ~/.cache/kubearch/controlplane/<k8s-version>/.
+# kube-apiserver, kube-controller-manager (garbage collector -> ownerReference cascade),
+# kube-scheduler, a kubectl of the same version, etcd, and KWOK (fake nodes/kubelets), into
+# ~/.cache/kubearch/controlplane/<k8s-version>/.
 #
 # Why from source: no registry reachable from CI ships these binaries, but the Go module proxy
 # does ship their source. Idempotent: when every binary is present and runs, this costs nothing.
@@ -12,7 +13,9 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 K8S_VERSION="$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$HERE/go.mod")"
 ETCD_VERSION="$(awk '$1 == "go.etcd.io/etcd/server/v3" {print $2; exit}' "$HERE/go.mod")"
 DEST="${KUBEARCH_CONTROLPLANE_DIR:-$HOME/.cache/kubearch/controlplane/$K8S_VERSION}"
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
+# KWOK is its own module (with its own k8s.io/* versions), installed at a pinned release.
+KWOK_VERSION="v0.7.0"
 # The Go release the toolchain must at least be (k8s.io/kubernetes's own go.mod `go` line).
 GO_MIN="1.24.0"
 GO_FALLBACK="go1.24.13"
@@ -36,8 +39,10 @@ fi
 # (Debian's golang-go is too old to switch), fetch an official toolchain zip from the module proxy.
 PROXY="$(printf '%s' "${GOPROXY:-https://proxy.golang.org}" | cut -d, -f1)"
 [[ "$PROXY" == direct || "$PROXY" == off ]] && PROXY="https://proxy.golang.org"
-GO_BIN="$(command -v go || true)"
+# KUBEARCH_GO=/path/to/go picks a toolchain; KUBEARCH_GO=fetch forces the download path.
+GO_BIN="${KUBEARCH_GO:-$(command -v go || true)}"
 if [[ -z "$GO_BIN" && -x /usr/local/go/bin/go ]]; then GO_BIN=/usr/local/go/bin/go; fi
+[[ "$GO_BIN" == fetch ]] && GO_BIN=""
 if [[ -n "$GO_BIN" ]]; then
   have="$("$GO_BIN" env GOVERSION | sed 's/^go//')"
   if [[ "$(printf '%s\n%s\n' 1.21.0 "$have" | sort -V | head -1)" != 1.21.0 ]]; then GO_BIN=""; fi
@@ -79,19 +84,25 @@ mkdir -p "${DEST%/*}"
 STAGE="$(mktemp -d "${DEST%/*}/stage.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
 start=$(date +%s)
-echo "building kube-apiserver, kube-controller-manager, kubectl $K8S_VERSION and etcd $ETCD_VERSION" \
+echo "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $K8S_VERSION," \
+  "etcd $ETCD_VERSION and kwok $KWOK_VERSION" \
   "with $("$GO_BIN" version) (GOTOOLCHAIN=$GOTOOLCHAIN) ..." >&2
 cd "$HERE"
 "$GO_BIN" build -p "${KUBEARCH_BUILD_JOBS:-$(nproc)}" -ldflags="$LDFLAGS" -o "$STAGE/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl \
   go.etcd.io/etcd/server/v3
 # `go build` names a /vN module's binary after the element before /vN.
 mv "$STAGE/server" "$STAGE/etcd"
+# `go install pkg@version` builds KWOK with its own go.mod, outside this module.
+(cd "$STAGE" && GOFLAGS="-trimpath -buildvcs=false" GOBIN="$STAGE" \
+  "$GO_BIN" install -ldflags="-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION")
 mkdir -p "$DEST"
 for b in "${BINARIES[@]}"; do mv -f "$STAGE/$b" "$DEST/$b"; done
 echo "built in $(( $(date +%s) - start )) s:" >&2
 "$DEST/kube-apiserver" --version >&2
 "$DEST/etcd" --version | head -1 >&2
+"$DEST/kwok" --version >&2 || true
 echo "$DEST"

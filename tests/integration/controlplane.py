@@ -11,7 +11,8 @@ pods are stored but never run, so the tests play the kubelet by writing pod stat
   ServiceAccount of ``manifests/rbac.yaml`` and the tests check its ClusterRole really suffices.
 * Authorization: RBAC, as in a real cluster.
 * kube-controller-manager runs only the garbage collector (ownerReference cascade), the namespace
-  controller (namespace deletion) and the service-account controller (``default`` accounts).
+  controller (namespace deletion), the service-account controller (``default`` accounts) and the
+  node-lifecycle controller (lifts the not-ready taint off KWOK's fake nodes once they are Ready).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 GO_MOD = REPO / "tests" / "controlplane" / "go.mod"
 T = TypeVar("T")
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
+#: Needed only by the fake-node tests (tests/integration/test_operator_kwok.py).
+SCHEDULING_BINARIES = ("kube-scheduler", "kwok")
 
 
 def pinned_version() -> str:
@@ -52,9 +55,9 @@ def binary_dir() -> Path:
     return Path.home() / ".cache" / "kubearch" / "controlplane" / pinned_version()
 
 
-def missing_binaries() -> list[str]:
+def missing_binaries(names: tuple[str, ...] = BINARIES) -> list[str]:
     d = binary_dir()
-    return [b for b in BINARIES if not os.access(d / b, os.X_OK)]
+    return [b for b in names if not os.access(d / b, os.X_OK)]
 
 
 def wait_for(fn: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.2, what: str = "") -> T:
@@ -256,13 +259,52 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
                 f"--authorization-kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount",
+                "--controllers=garbagecollector,namespace,serviceaccount,nodelifecycle",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
                 "--v=0",
             ],
         )
+
+    def start_scheduler(self) -> None:
+        """kube-scheduler: binds pods to (fake) nodes by their resources, selectors and taints."""
+        self._spawn(
+            "kube-scheduler",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--v=0",
+            ],
+        )
+
+    def start_kwok(self) -> None:
+        """KWOK plays the kubelet of nodes annotated ``kwok.x-k8s.io/node=fake``: marks them Ready,
+        moves pods bound to them to Running and finishes their graceful deletion."""
+        self._spawn(
+            "kwok",
+            [
+                f"--kubeconfig={self.kubeconfig}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--node-lease-duration-seconds=40",
+                "--cidr=10.244.0.1/24",
+                "--node-ip=10.244.0.1",
+            ],
+        )
+
+    def stop_process(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
 
     def _wait_ready(self, timeout: float) -> None:
         ctx = ssl.create_default_context(cafile=str(self.workdir / "pki" / "ca.crt"))
@@ -288,15 +330,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
-        self.procs.clear()
+            self.stop_process(name)
 
     def versions(self) -> dict[str, str]:
         out = {}

@@ -81,3 +81,20 @@ def test_validation_loss_is_deterministic_but_training_draws_are_not() -> None:
     assert model(batch).loss.item() == model(batch).loss.item()  # eval: fixed-seed t and noise
     model.train()
     assert model(batch).loss.item() != model(batch).loss.item()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    model = _ddpm().train()
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "images": torch.rand(2, 1, 16, 16, generator=g),
+        "timesteps": torch.tensor([3, 70]),
+        "noise": torch.randn(2, 1, 16, 16, generator=g),
+    }
+    model(batch).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    model(batch).loss.backward()
+    for a, p in zip(plain, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a)

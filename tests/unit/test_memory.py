@@ -113,6 +113,21 @@ def test_measured_checkpointing_saves_less() -> None:
     assert measure_saved_bytes(model, batch) < full / 2
 
 
+def test_peak_composition() -> None:
+    """Gradients (set to None each step) peak after the activations are gone; accumulation and
+    DDP's buckets add to everything else."""
+    cfg = ModelConfig(architecture="dense", size="small", vocab_size=50304)
+    big = estimate_memory(cfg, 8, 1024)  # activations and logits dominate
+    assert big.forward_peak > big.gradients
+    assert big.total == big.weights + big.optimizer + big.forward_peak
+    small = estimate_memory(cfg, 1, 8)  # weights dominate: the peak is the end of backward
+    assert small.total == small.weights + small.optimizer + small.gradients
+    acc = estimate_memory(cfg, 8, 1024, grads_persist=True)
+    assert acc.total == big.total + big.gradients
+    assert estimate_memory(cfg, 8, 1024, ddp=True).total == big.total + big.weights  # 4·P buckets
+    assert big.as_dict()["total"] == big.total
+
+
 def test_moe_activations_grow_with_top_k() -> None:
     k1 = ModelConfig(architecture="moe", expert_capacity=1, **SMALL)
     k2 = ModelConfig(architecture="moe", expert_capacity=2, **SMALL)

@@ -48,7 +48,7 @@ def terminate(pod: dict, phase: str, code: int, message: str = "", reason: str =
 
 
 def step(spec, status: TrainingRunStatus, pods: list[dict], now: datetime = NOW) -> Decision:
-    return reconcile(spec, status, pods, now, run=RUN, nodes=2, generation=3)
+    return reconcile(spec, status, pods, now, run=RUN, shape=plan_run(spec).shape, generation=3)
 
 
 def running_status(**kw: Any) -> TrainingRunStatus:
@@ -229,6 +229,26 @@ def test_condition_transition_time_moves_only_on_change() -> None:
     assert cond(st, "Running").last_transition_time == rfc3339(NOW) and cond(st, "Running").reason == "B"
     set_condition(st, "Running", "False", "C", "c", NOW + timedelta(seconds=9))
     assert cond(st, "Running").last_transition_time == rfc3339(NOW + timedelta(seconds=9))
+
+
+def test_a_running_group_keeps_its_shape_until_the_next_group() -> None:
+    spec = make_spec()
+    first = step(spec, TrainingRunStatus(), [])
+    bigger = parse_spec({"resources": {"nodes": 3, "gpusPerNode": 1}})
+    d = step(bigger, first.status, make_pods(spec, phases=("Running", "Running")))
+    assert d.status.phase == "Running" and d.status.chosen_shape.nodes == 2 and not d.create_group
+    suspended = step(parse_spec({"resources": {"nodes": 3}, "runPolicy": {"suspend": True}}), d.status, [])
+    resumed = step(bigger, suspended.status, [])
+    assert resumed.create_group and resumed.status.chosen_shape.nodes == 3
+
+
+def test_pods_beyond_the_shape_are_removed() -> None:
+    spec = parse_spec({"resources": {"nodes": 3, "gpusPerNode": 1}})
+    three = make_pods(spec, phases=("Running", "Running", "Running"))
+    small = make_spec()
+    running = running_status(chosen_shape=plan_run(small).shape)
+    d = step(small, running, three)
+    assert d.delete_pods == ["demo-worker-2"] and d.status.phase == "Running"
 
 
 def test_invalid_spec_changes_only_a_condition() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,20 @@ class OomModel(KubearchModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+_SIGTERM_SENT: list[bool] = []
+
+
+@register("test_sigterm_lm", task="lm")
+class SigtermBigram(NanBigram):
+    """Receives SIGTERM (as an evicted pod does) during its 4th training forward."""
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        if self.training and self.calls == 3 and not _SIGTERM_SENT:
+            _SIGTERM_SENT.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(batch)
 
 
 # --------------------------------------------------------------------------- tests
@@ -203,6 +219,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, RESULTS_NAME]  # no temp file left
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path) -> None:
     # Dropout and accumulation on, so RNG and micro-batch handling are covered too.
     model = {"dropout": 0.1}
@@ -238,3 +255,15 @@ def test_lr_schedule_warmup_then_cosine_to_floor() -> None:
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # cosine never rises
     assert trainer_mod.lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_sigterm_checkpoints_and_exits_for_a_restart(tmp_path: Path) -> None:
+    _NAN_CALLS.clear()
+    before = signal.getsignal(signal.SIGTERM)
+    res = train(tiny_cfg(tmp_path, {"architecture": "test_sigterm_lm"}))
+    assert res["status"] == "preempted" and res["exit_code"] == 143 == trainer_mod.PREEMPTED_EXIT_CODE
+    assert res["steps"] == 4  # the interrupted step finished, then the run stopped
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    again = train(tiny_cfg(tmp_path, {"architecture": "test_sigterm_lm"}, resume=True))
+    assert again["status"] == "completed" and again["resumed_from_step"] == 4 and again["steps"] == 10

@@ -36,11 +36,11 @@ DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
 #: losses visibly separate; on a GPU raise --steps, --seq-len and --batch-size.
 DEFAULTS = {
     "model_size": "tiny",
-    "steps": 40,
+    "steps": 30,
     "batch_size": 8,
     "gradient_accumulation_steps": 1,
     "seq_len": 64,
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "warmup_steps": 5,
     "eval_batches": 4,
     "output_dir": "runs/compare",

@@ -14,8 +14,14 @@ Model (per process, data-parallel replicas hold everything in full):
   outputs are bf16 (2 bytes) but the residual stream, norms, softplus/Δ and the loss stay fp32.
   With gradient checkpointing each block keeps only its input (the fp32 residual, 4·d) and one
   block's activations exist again while it is recomputed.
-- **logits**: the LM head's output (kept by ``ModelOutput.logits``), its fp32 copy for the loss,
-  the saved log-softmax and the gradient buffers of the backward pass: ≈ V·(s + 4 + 4 + 4) per token.
+- **logits**: at the loss's backward, the LM head's output (kept by ``ModelOutput.logits``), the
+  saved fp32 log-softmax, its incoming gradient and the gradient it produces: V·(s + 4 + 4 + 4)
+  per token (the fp32 copy made for the loss is freed after the forward).
+- **peak**: the trainer sets gradients to None after each step, so they are allocated during the
+  backward pass while activations are freed: the peak is weights + optimizer state + the larger of
+  (autocast cache + activations + logits) at the start of backward and the gradients at its end.
+  With gradient accumulation (``grads_persist``) gradients live through the forward pass and add.
+  DDP keeps its own gradient buckets (4·P) unless ``gradient_as_bucket_view`` is set.
 
 The per-token activation formulas were derived op by op from ``models/layers.py`` and
 ``models/mamba.py`` and checked on CPU against the bytes autograd actually saves
@@ -69,11 +75,20 @@ class MemoryEstimate:
     autocast_cache: int
     activations: int
     logits: int
+    ddp_buckets: int = 0
+    grads_persist: bool = False  #: gradients alive during the forward pass (accumulation)
+
+    @property
+    def forward_peak(self) -> int:
+        """What exists only between forward and backward: saved tensors and loss buffers."""
+        return self.autocast_cache + self.activations + self.logits
 
     @property
     def total(self) -> int:
-        state = self.weights + self.gradients + self.optimizer
-        return state + self.autocast_cache + self.activations + self.logits
+        state = self.weights + self.optimizer + self.ddp_buckets
+        if self.grads_persist:
+            return state + self.gradients + self.forward_peak
+        return state + max(self.forward_peak, self.gradients)
 
     @property
     def saved_for_backward(self) -> int:
@@ -81,7 +96,7 @@ class MemoryEstimate:
         return self.activations + self.autocast_cache
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "forward_peak": self.forward_peak, "total": self.total}
 
 
 def _attention_block_bytes(cfg: ModelConfig, d: int, s: int, amp: bool, moe: bool = False) -> float:
@@ -173,12 +188,15 @@ def estimate_memory(
     optimizer: Optimizer = "adamw",
     scan: ScanImpl = "fused",
     n_params: int | None = None,
+    grads_persist: bool = False,
+    ddp: bool = False,
 ) -> MemoryEstimate:
     """Predicted peak training memory of one process for ``batch_size`` × ``seq_len`` tokens.
 
     ``n_params`` overrides the analytic parameter count (pass ``model.num_params()``).
     ``scan`` is the selective-scan implementation the Mamba layers will use: ``fused`` (mamba-ssm
     or the Triton kernel, on CUDA) or ``torch`` (the chunked PyTorch scan, CPU fallback).
+    ``grads_persist``: gradient accumulation over micro-batches; ``ddp``: a DDP wrapper's buckets.
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
@@ -190,7 +208,7 @@ def estimate_memory(
     s = 2 if amp else 4
     per_token = activation_bytes_per_token(cfg, seq_len, amp=amp, checkpointing=checkpointing, scan=scan)
     v = cfg.vocab_size
-    logits = v * (s + (4 if amp else 0) + 4 + 4)  # output, fp32 copy, log-softmax, its gradient
+    logits = v * (s + 4 + 4 + 4)  # output, saved log-softmax, its gradient in and out
     matmul_weights = counts.total - counts.lookup_only
     # The hybrid's window is a (T, T) boolean mask (cached per module) that SDPA turns into an
     # additive float bias per call and keeps for backward: per batch, not per token.
@@ -203,6 +221,8 @@ def estimate_memory(
         autocast_cache=2 * matmul_weights if amp else 0,
         activations=int(per_token * tokens + mask),
         logits=int(logits * tokens),
+        ddp_buckets=4 * p if ddp else 0,
+        grads_persist=grads_persist,
     )
 
 

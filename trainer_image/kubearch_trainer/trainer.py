@@ -26,6 +26,8 @@ import math
 import os
 import platform
 import resource
+import signal
+import threading
 import sys
 import time
 import traceback
@@ -57,8 +59,37 @@ TERMINATION_LOG_ENV = "KUBEARCH_TERMINATION_LOG"
 _TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message.
 
 
+#: 128 + SIGTERM: what a preempted pod exits with; the operator treats it as worth a restart.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
 class NanAbort(RuntimeError):
     """Too many non-finite losses in a row."""
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (pod eviction, preemption, ``kubectl delete``) into "checkpoint, then exit 143".
+
+    Kubernetes waits ``terminationGracePeriodSeconds`` after SIGTERM; finishing the current step
+    and writing a checkpoint lets ``--resume`` lose nothing. Only the main thread may install
+    signal handlers; elsewhere (e.g. a test runner's worker thread) this is a no-op.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass
@@ -320,13 +351,14 @@ def train(
     dist_info = DistInfo()
     state = RunState()
     info: dict[str, Any] = {}
-    status, code, error = "completed", ExitCode.OK, None
+    status, code, error = "completed", int(ExitCode.OK), None
     metrics = None
 
     def say(msg: str) -> None:
         if dist_info.is_main:
             (log or _print)(msg)
 
+    stack = contextlib.ExitStack()
     try:
         dist_info = init_distributed(cfg.training.device)
         device = dist_info.device
@@ -346,13 +378,14 @@ def train(
         total_steps = t.total_steps
         global_batch = t.batch_size * t.gradient_accumulation_steps * dist_info.world_size
         tokens_per_step = global_batch * data.tokens_per_sample
+        unit = "tok" if task == "lm" else "samples"  # image tasks count images (tokens_per_sample 1)
         say(
             f"kubearch: {cfg.model.architecture} ({cfg.model.size}, {task}) dims {cfg.model.dims} | "
             f"parameters {n_total:,} total, {n_active:,} active | device {device} x{dist_info.world_size}"
         )
         say(
             f"kubearch: data {data.describe()} | global batch {global_batch} "
-            f"({tokens_per_step:,} tokens/step)"
+            f"({tokens_per_step:,} {'tokens' if task == 'lm' else 'samples'}/step)"
         )
 
         if t.use_gradient_checkpointing:
@@ -407,6 +440,7 @@ def train(
         train_time_before = state.train_time_s
         fwd_model.train()
 
+        sigterm = stack.enter_context(_SigtermFlag())
         while state.step < total_steps:
             step_t0 = time.perf_counter()
             step = state.step
@@ -448,8 +482,10 @@ def train(
                 params, t.grad_clip if t.grad_clip > 0 else float("inf")
             )
             bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
-            all_reduce_max(bad)
-            if bool(bad.item()):  # the one host sync per step (see module docstring)
+            flags = torch.stack([bad, torch.tensor(float(sigterm.requested), device=device)])
+            all_reduce_max(flags)  # every rank takes the same decisions
+            is_bad, preempt = (bool(f) for f in flags.tolist())  # the one host sync per step
+            if is_bad:
                 opt.zero_grad(set_to_none=True)
                 state.nan_count += 1
                 state.consecutive_nans += 1
@@ -484,7 +520,7 @@ def train(
                 metrics.add_tokens(tokens_per_step)
 
             last = state.step == total_steps
-            stopping = state.step == stop_after
+            stopping = state.step == stop_after or preempt
             state.window = (float(window_loss), float(window_n)) if stopping else None
             if state.step % t.log_every == 0 or last:
                 packed = torch.stack([window_loss, window_n])
@@ -510,7 +546,7 @@ def train(
                         expert_window = None
                 say(
                     f"step {state.step:>6}/{total_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                    f"{tok_s:,.0f} tok/s | {elapsed / max(1, window_steps):.3f} s/step | "
+                    f"{tok_s:,.0f} {unit}/s | {elapsed / max(1, window_steps):.3f} s/step | "
                     f"ETA {_fmt_duration(eta)}"
                 )
                 window_loss.zero_()
@@ -539,7 +575,10 @@ def train(
                 excluded_s += time.perf_counter() - ckpt_t0
                 window_t0 += time.perf_counter() - ckpt_t0
             if stopping:
-                status = "stopped"
+                status = "preempted" if preempt else "stopped"
+                if preempt:
+                    code = PREEMPTED_EXIT_CODE
+                    say(f"kubearch: SIGTERM: checkpointed at step {state.step}; exiting for a restart")
                 break
 
         if state.last_val is None and state.step >= total_steps:
@@ -563,6 +602,7 @@ def train(
         if dist_info.is_main:
             traceback.print_exc()
     finally:
+        stack.close()
         if metrics is not None:
             metrics.close()
 
@@ -602,7 +642,7 @@ def _results(
     state: RunState,
     info: dict[str, Any],
     status: str,
-    code: ExitCode,
+    code: int,
     error: str | None,
     t_start: float,
     started_at: str,

@@ -9,19 +9,28 @@ B, C (B, L, N); D (D,)):
 Why a kernel: in PyTorch the scan materialises (B, L, D, N) tensors — N times the activations
 of everything around it — and is memory-bound. Here each program owns a block of channels of one
 sequence, keeps its (BLOCK_D × N) state in registers and walks the sequence once: it reads u, δ,
-B, C and writes y, nothing of size N·L. The recurrence is sequential in time but the B × D/BLOCK_D
-programs run in parallel, as in Mamba's own CUDA kernel.
+B, C and writes y, nothing of size N·L. Programs (B × D/BLOCK_D of them) run in parallel, as in
+Mamba's own CUDA kernel. Two variants:
 
-Backward: the forward pass also writes the state at the start of every ``CHUNK`` steps
-(B × L/CHUNK × D × N floats, 1/CHUNK of what the PyTorch scan keeps). The backward kernel walks
-chunks from last to first; in each chunk it recomputes the states from the checkpoint into a
-per-program scratch buffer (CHUNK × BLOCK_D × N) and then runs the adjoint recurrence
+- ``tiled`` (default): the sequence is walked ``TILE`` steps at a time. A tile's inputs arrive
+  as 2-D loads (TILE × BLOCK_D, TILE × N), the per-step pairs (a_t, b_t) = (exp(δ_t A), δ_t u_t B_t)
+  are combined with ``tl.associative_scan`` (the composition of h ↦ a·h + b is associative), and
+  the carried state is added: h_t = B̃_t + Ã_t · h_in. Few dependent steps per program, so load
+  latency is paid once per tile instead of once per step.
+- ``sequential``: one time step per loop iteration; the simplest form, kept as a cross-check and
+  for shapes where the tiled one's registers overflow.
+
+Backward: the forward pass also stores the state entering every ``chunk`` steps
+(B × L/chunk × D × N floats, a fraction 1/chunk of what the PyTorch scan keeps). The backward
+kernel walks chunks from last to first; in each chunk it recomputes from the stored state (into a
+small per-program scratch buffer) the states it needs and runs the adjoint recurrence
 
     ĝh_t = gy_t ⊗ C_t + exp(δ_{t+1} ⊗ A) ⊙ ĝh_{t+1}
 
-backwards through it. Per-channel gradients (u, δ) are written directly; the ones summed over
-channels (B, C) or over the batch (A, D) are written as per-program partial sums and reduced by
-PyTorch afterwards, so the result is deterministic (no atomics).
+backwards (the tiled kernel as a reverse ``associative_scan`` per tile, h_{t-1} from a forward
+scan over inputs shifted by one step). Per-channel gradients (u, δ) are written directly; the
+ones summed over channels (B, C) or over the batch (A, D) are written as per-program partial sums
+and reduced by PyTorch afterwards, so the result is deterministic (no atomics).
 
 All arithmetic is float32 whatever the input dtype (bf16 inputs are upcast on load); outputs are
 cast back to the inputs' dtypes. On CPU the kernels run only under Triton's interpreter
@@ -50,7 +59,7 @@ DEFAULT_CHUNK = 64
 DEFAULT_BLOCK_D = 32
 #: Channels per program and time steps per parallel scan (tiled kernels): a program holds
 #: TILE × BLOCK_D × N values per live tensor, so these stay small (register pressure).
-DEFAULT_BLOCK_D_TILED = 16
+DEFAULT_BLOCK_D_TILED = 8
 DEFAULT_TILE = 16
 
 
@@ -562,7 +571,7 @@ class _SelectiveScanTritonTiled(torch.autograd.Function):
     """The tiled kernels: ``tile`` steps per parallel scan, a stored state every ``seg_tiles`` tiles."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, tile, seg_tiles, block_d):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, tile, seg_tiles, block_d, num_warps):  # type: ignore[override]
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D = D.contiguous() if D is not None else None
         bsz, length, dim = u.shape
@@ -576,17 +585,17 @@ class _SelectiveScanTritonTiled(torch.autograd.Function):
             u, delta, A, B, C, D if D is not None else u, y, hck,
             length, dim, nst, n_tiles, n_seg,
             HAS_D=D is not None, SAVE=save, TILE=tile, SEG_TILES=seg_tiles,
-            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(nst),
+            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(nst), num_warps=num_warps,
         )  # fmt: skip
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, hck)
-            ctx.cfg = (tile, seg_tiles, block_d)
+            ctx.cfg = (tile, seg_tiles, block_d, num_warps)
         return y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
         u, delta, A, B, C, D, hck = ctx.saved_tensors
-        tile, seg_tiles, block_d = ctx.cfg
+        tile, seg_tiles, block_d, num_warps = ctx.cfg
         gy = gy.contiguous()
         bsz, length, dim = u.shape
         nst = A.shape[1]
@@ -606,6 +615,7 @@ class _SelectiveScanTritonTiled(torch.autograd.Function):
             gu, gdelta, ga_part, gb_part, gc_part, gd_part,
             length, dim, nst, n_seg, n_dblk,
             HAS_D=D is not None, TILE=tile, SEG_TILES=seg_tiles, BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=num_warps,
         )  # fmt: skip
         gD = gd_part.sum(0).to(D.dtype) if D is not None else None
         return (
@@ -615,6 +625,7 @@ class _SelectiveScanTritonTiled(torch.autograd.Function):
             gb_part.sum(1).to(B.dtype),
             gc_part.sum(1).to(C.dtype),
             gD,
+            None,
             None,
             None,
             None,
@@ -633,13 +644,15 @@ def selective_scan_triton(
     chunk: int = DEFAULT_CHUNK,
     block_d: int | None = None,
     tile: int = DEFAULT_TILE,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Selective scan through the Triton kernels; same signature and result as the reference.
 
     ``impl``: ``tiled`` (default: ``tile`` steps per parallel scan, coalesced 2-D loads) or
     ``sequential`` (one step per loop iteration; simplest, kept as a cross-check). ``chunk`` is
     the number of steps between stored states (backward memory vs recomputation); ``block_d``
-    the channels per program (default 16 tiled, 32 sequential).
+    the channels per program (default 8 tiled, 32 sequential); ``num_warps`` the tiled kernels'
+    warps per program (tune with ``bench/scan_kernel.py --sweep`` on the GPU).
 
     Raises ``RuntimeError`` where the kernels cannot run (no Triton, or CPU tensors without the
     interpreter); callers check :func:`triton_scan_available` first and fall back to PyTorch.
@@ -659,7 +672,32 @@ def selective_scan_triton(
             f"selective_scan_triton cannot run on {u.device}: needs triton and a CUDA device "
             "(or TRITON_INTERPRET=1 on CPU); use kernels.scan's PyTorch scan instead"
         )
+    launch = _launch if COMPILE_THROUGH else _launch_outside_graph
+    return launch(u, delta, A, B, C, D, impl, chunk, block_d, tile, num_warps)
+
+
+def _launch(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    impl: str,
+    chunk: int,
+    block_d: int,
+    tile: int,
+    num_warps: int,
+) -> torch.Tensor:
     if impl == "sequential":
         return _SelectiveScanTriton.apply(u, delta, A, B, C, D, chunk, block_d)
     seg_tiles = max(1, chunk // tile)
-    return _SelectiveScanTritonTiled.apply(u, delta, A, B, C, D, tile, seg_tiles, block_d)
+    return _SelectiveScanTritonTiled.apply(u, delta, A, B, C, D, tile, seg_tiles, block_d, num_warps)
+
+
+#: Under ``torch.compile`` the kernels run as an opaque call (a graph break) unless
+#: ``KUBEARCH_SCAN_COMPILE=1``: Dynamo can trace user Triton kernels inside an autograd.Function,
+#: but that path has not been exercised on the GPU yet, and a failure there would cost a whole
+#: benchmark run. Flip it on the H100 and compare.
+COMPILE_THROUGH = os.environ.get("KUBEARCH_SCAN_COMPILE", "0") == "1"
+_launch_outside_graph = torch.compiler.disable(_launch)

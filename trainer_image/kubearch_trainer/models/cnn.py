@@ -2,10 +2,10 @@
 
 Layout (the model guide's "Conv Block → N × [Conv/Residual Blocks] → Global Pooling →
 Classifier"): a 3×3 conv stem, ``depth`` basic residual blocks (two 3×3 conv + BatchNorm + ReLU,
-identity or 1×1 projection shortcut) grouped into up to four stages that double the channels and
-halve the resolution, global average pooling, dropout, and a linear classifier over
-``model.num_classes``. Width/depth per ``--model-size``: tiny 16ch/2, small 64ch/4, medium
-128ch/6, large 256ch/8 blocks (``--d-model`` / ``--n-layers`` override).
+identity or 1×1 projection shortcut) grouped into up to four stages (two blocks each) that double
+the channels (capped at 4× the base) and halve the resolution, global average pooling, dropout,
+and a linear classifier over ``model.num_classes``. Width/depth per ``--model-size``: tiny 16ch/2,
+small 64ch/4, medium 128ch/6, large 256ch/8 blocks (``--d-model`` / ``--n-layers`` override).
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ class BasicBlock(nn.Module):
 
 @register("cnn", task="image_cls")
 class CNNClassifier(KubearchModel):
-    """Residual CNN classifier; :meth:`extract_features` gives the pooled feature vector."""
+    """Residual CNN classifier; :meth:`extract_features` gives the pooled feature vector.
+
+    ``--use-gradient-checkpointing`` is ignored here: recomputing a block in backward would apply
+    BatchNorm's running-statistics update twice, and the blocks are small anyway.
+    """
 
     task = "image_cls"
 
@@ -64,7 +68,7 @@ class CNNClassifier(KubearchModel):
                 stage = s
                 if side >= 4:
                     stride, side = 2, (side + 1) // 2
-            out = width * 2**s
+            out = width * min(2**s, 4)
             blocks.append(BasicBlock(ch, out, stride, cfg.dropout))
             ch = out
         self.blocks = nn.Sequential(*blocks)

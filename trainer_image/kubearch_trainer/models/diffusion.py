@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
@@ -82,6 +83,8 @@ class UNet(nn.Module):
         mults = [1, 2, 2, 4, 4, 8][:levels]
         emb_dim = 4 * width
         self.width = width
+        #: Recompute each residual block in backward (set by the owning model's flag).
+        self.checkpointing = False
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         self.down = nn.ModuleList()
@@ -113,20 +116,25 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
+    def _block(self, block: ResBlock, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.width))
         h = self.stem(x)
         hs = [h]
         for i, (block, down) in enumerate(zip(self.down, self.downsample, strict=True)):
-            h = block(h, emb)
+            h = self._block(block, h, emb)
             hs.append(h)
             if i < len(self.down) - 1:
                 h = down(h)
                 hs.append(h)
-        h = self.mid2(self.mid1(h, emb), emb)
+        h = self._block(self.mid2, self._block(self.mid1, h, emb), emb)
         for blocks, up in zip(self.up, self.upsample, strict=True):
             for block in blocks:
-                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+                h = self._block(block, torch.cat([h, hs.pop()], dim=1), emb)
             h = up(h)
         return self.out(h)
 
@@ -221,6 +229,7 @@ class DDPM(KubearchModel):
         x0 = batch["images"] * 2 - 1
         t, noise = _draws(batch, x0, self.diffusion.timesteps, self.training)
         x_t = self.diffusion.q_sample(x0, t, noise)
+        self.net.checkpointing = self.gradient_checkpointing and self.training
         pred = self.net(x_t, t)
         loss = F.mse_loss(pred.float(), noise.float())
         return ModelOutput(

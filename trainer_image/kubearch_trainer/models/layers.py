@@ -9,7 +9,11 @@ family's ``logits(input_ids)`` into the trainer's ``ModelOutput`` and adds ``gen
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,10 @@ from torch import nn
 
 from kubearch_trainer.config import ATTENTION_VARIANTS, LORA_RANKS, ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.nn.attention.flex_attention import BlockMask
 
 # --------------------------------------------------------------------------------------------
 # Normalisation
@@ -182,6 +190,110 @@ def attention_spec(variant: str, use_rope: bool = False) -> AttentionSpec:
     return AttentionSpec(None, rope=use_rope, bias=False)  # baseline
 
 
+# --------------------------------------------------------------------------------------------
+# Sliding-window (local) attention: SDPA with a dense mask, or FlexAttention with a block mask
+# --------------------------------------------------------------------------------------------
+#
+# Token i sees key j iff ``i - w < j <= i``. SDPA has no window argument, so its path passes a
+# dense (T, T) boolean mask: exact and available everywhere, but O(T²) memory for the mask and
+# O(T²·hd) work, since the kernel still visits every (query, key) pair. FlexAttention takes a
+# *block* mask instead: the (T/128)² table of which 128×128 tiles hold any visible pair; the
+# compiled kernel skips the empty tiles, so a window costs O(T·w) work (about T/128 · (w/128 + 1)
+# tiles) and the mask O((T/128)²) ints. On the lent H100 (bf16, B8 H8 hd64, w256, fwd+bwd) Flex
+# was slower than SDPA's flash kernel at T=1024 (0.72 vs 0.49 ms) and faster from T=4096 on
+# (1.21 vs 1.45 ms; 1.61 vs 4.71 ms at 8192), hence the "auto" threshold below.
+#
+# The choice is a process-wide policy, not a model hyperparameter: it changes speed, never the
+# result (both paths compute the same softmax over the same keys), so it stays out of ModelConfig
+# and of checkpoints. Set it with the environment variable KUBEARCH_LOCAL_ATTENTION (read once,
+# at the first local-attention call) or with set_local_attention_backend().
+
+LOCAL_ATTENTION_ENV = "KUBEARCH_LOCAL_ATTENTION"
+LOCAL_ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+#: "auto" uses Flex from this length on (measured crossover between 1K and 4K, see above).
+FLEX_MIN_SEQ_LEN = 2048
+#: FlexAttention's default tile; "auto" also asks T to be a multiple of it (see resolve_local_backend).
+FLEX_BLOCK_SIZE = 128
+#: Flex's Triton (CUDA) kernel needs head dim >= 16 (tl.dot's minimum).
+FLEX_MIN_HEAD_DIM = 16
+_CACHE_ENTRIES = 8  # generate() grows T by one per step: keep the mask caches bounded
+
+_policy: str | None = None  # None until first read from the environment
+_dense_masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_block_masks: dict[tuple[int, int, torch.device], BlockMask] = {}
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+_warned: set[str] = set()
+
+
+def _check_backend(name: str, origin: str) -> str:
+    if name not in LOCAL_ATTENTION_BACKENDS:
+        raise ValueError(f"{origin}: {name!r} is not one of {', '.join(LOCAL_ATTENTION_BACKENDS)}")
+    return name
+
+
+def set_local_attention_backend(name: str | None) -> None:
+    """Set the process-wide local-attention policy; ``None`` re-reads the environment next call."""
+    global _policy
+    _policy = None if name is None else _check_backend(name, "local attention backend")
+
+
+def local_attention_backend() -> str:
+    """The process-wide policy: "auto" (default), "sdpa" or "flex"."""
+    global _policy
+    if _policy is None:
+        raw = os.environ.get(LOCAL_ATTENTION_ENV, "auto").strip().lower() or "auto"
+        _policy = _check_backend(raw, f"environment variable {LOCAL_ATTENTION_ENV}")
+    return _policy
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def resolve_local_backend(
+    backend: str, device: torch.device, t: int, head_dim: int, needs_grad: bool, dropout_p: float = 0.0
+) -> str:
+    """The kernel that will actually run ("sdpa" or "flex") for one call.
+
+    - "sdpa": always SDPA with the dense mask.
+    - "auto": Flex on CUDA for training-shaped inputs (T >= FLEX_MIN_SEQ_LEN, T a multiple of the
+      128 tile, head dim >= 16, no attention dropout), else SDPA. The multiple-of-128 condition keeps
+      ``generate()``, whose T grows by one per step, on SDPA: Flex is compiled with static shapes
+      and would recompile for every new length.
+    - "flex": Flex wherever it can compute the same thing; it falls back to SDPA (warning once)
+      where it cannot: attention dropout (Flex has none), head dims below 16 on CUDA (its Triton
+      kernel's minimum) and autograd on CPU (torch <= 2.15 has no FlexAttention backward on CPU,
+      only inference).
+    """
+    backend = _check_backend(backend, "local attention backend")
+    if backend == "sdpa":
+        return "sdpa"
+    if backend == "auto":
+        long_enough = t >= FLEX_MIN_SEQ_LEN and t % FLEX_BLOCK_SIZE == 0
+        flex_ok = device.type == "cuda" and long_enough and head_dim >= FLEX_MIN_HEAD_DIM
+        return "flex" if flex_ok and dropout_p == 0.0 else "sdpa"
+    if dropout_p > 0.0:
+        _warn_once("dropout", "local attention 'flex': FlexAttention has no dropout; using SDPA instead")
+        return "sdpa"
+    if device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        _warn_once(
+            "head-dim",
+            f"local attention 'flex': FlexAttention on CUDA needs head dim >= {FLEX_MIN_HEAD_DIM}, "
+            f"got {head_dim}; using SDPA instead",
+        )
+        return "sdpa"
+    if device.type == "cpu" and needs_grad:
+        _warn_once(
+            "cpu-grad",
+            "local attention 'flex': FlexAttention has no backward on CPU in this torch; using SDPA "
+            "for calls that need gradients (inference still uses Flex)",
+        )
+        return "sdpa"
+    return "flex"
+
+
 def sliding_window_mask(t: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (T, T) mask, True where query i may attend key j: ``i - window < j <= i``."""
     i = torch.arange(t, device=device)[:, None]
@@ -189,12 +301,96 @@ def sliding_window_mask(t: int, window: int, device: torch.device | str | None =
     return (j <= i) & (j > i - window)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through ``F.scaled_dot_product_attention``.
+@torch.compiler.disable
+def _store(cache: dict, key: tuple[int, int, torch.device], build: Callable[[], Any]) -> Any:
+    """Build and cache a mask *outside* any torch.compile graph.
 
-    ``window`` (optional) limits each query to the last ``window`` keys (itself included); the
-    hybrid family uses it for local attention. Without a window SDPA's ``is_causal`` path is used,
-    which lets it pick the flash kernel on GPU.
+    Why the split between lookup (traceable) and build (compiler.disable): when a compiled model
+    calls the lookup, the first trace misses and breaks the graph here once; the next call
+    retraces, finds the entry and bakes the cached mask into a graph without breaks. Tracing the
+    build instead would recompute the mask over all T² pairs inside the graph on every step.
+    """
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()
+    value = cache[key] = build()
+    return value
+
+
+def window_mask(t: int, window: int, device: torch.device) -> torch.Tensor:
+    """The dense (T, T) SDPA mask, cached per (T, window, device) and shared by every layer."""
+    mask = _dense_masks.get((t, window, device))
+    if mask is None:
+        mask = _store(_dense_masks, (t, window, device), lambda: sliding_window_mask(t, window, device))
+    return mask
+
+
+def _sliding_block_mask(t: int, window: int, device: torch.device) -> BlockMask:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:  # flex's mask_mod
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    # B=None, H=None: one mask broadcast over batch and heads.
+    return create_block_mask(sliding, None, None, t, t, device=device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
+
+
+def window_block_mask(t: int, window: int, device: torch.device) -> BlockMask:
+    """FlexAttention's block mask for the causal window, cached per (T, window, device).
+
+    Building it evaluates the mask on all T² pairs once; the cache makes that a one-off cost.
+    """
+    mask = _block_masks.get((t, window, device))
+    if mask is None:
+        mask = _store(_block_masks, (t, window, device), lambda: _sliding_block_mask(t, window, device))
+    return mask
+
+
+def _flex() -> Callable[..., torch.Tensor]:
+    """``torch.compile(flex_attention)``, built once per process: uncompiled, Flex materialises
+    the full score matrix (slower than SDPA and O(T²) memory)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    backend: str | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal sliding-window attention: query i attends keys j with ``i - window < j <= i``.
+
+    ``q, k, v``: (B, H, T, hd). ``backend``: "auto" | "sdpa" | "flex", or None for the process
+    policy (:func:`local_attention_backend`); see :func:`resolve_local_backend` for what each
+    picks. A window at least T long is plain causal attention and always takes SDPA's
+    ``is_causal`` path (flash kernel on GPU, no mask at all).
+    """
+    t = q.size(-2)
+    if window >= t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    policy = backend or local_attention_backend()
+    name = resolve_local_backend(policy, q.device, t, q.size(-1), needs_grad, dropout_p)
+    if name == "flex":
+        return _flex()(q, k, v, block_mask=window_block_mask(t, window, q.device))
+    mask = window_mask(t, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention.
+
+    Without a window (dense, MoE) this is SDPA with ``is_causal=True`` and no mask, the fastest
+    path: SDPA can then pick the flash kernel on GPU. ``window`` (optional) limits each query to
+    the last ``window`` keys (itself included); the hybrid family uses it for local attention,
+    computed by :func:`local_attention` (SDPA with a dense mask, or FlexAttention with a block
+    mask, per the process policy :func:`local_attention_backend`).
     """
 
     def __init__(
@@ -226,17 +422,6 @@ class CausalSelfAttention(nn.Module):
             self.lora_o = LoRAAdapter(d_model, d_model, r_vo)
         else:
             self.lora_q = self.lora_k = self.lora_v = self.lora_o = None
-        self._mask_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-    def _window_mask(self, t: int, device: torch.device) -> torch.Tensor:
-        assert self.window is not None
-        key = (t, self.window, device)
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            if len(self._mask_cache) >= 8:  # generate() grows T by one per step: stay bounded
-                self._mask_cache.clear()
-            mask = self._mask_cache[key] = sliding_window_mask(t, self.window, device)
-        return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -249,10 +434,9 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         dropout_p = self.dropout if self.training else 0.0
-        if self.window is not None and self.window < t:
-            mask = self._window_mask(t, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        else:  # a window at least T long is plain causal attention
+        if self.window is not None:
+            y = local_attention(q, k, v, self.window, dropout_p=dropout_p)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(b, t, d)
         out = self.out(y)
