@@ -3,13 +3,15 @@
 Times one attention call forward + backward (bf16 on CUDA) for T = 1k, 2k, 4k, 8k:
 
 - ``sdpa_causal``: full causal SDPA (flash) — the O(T²) reference;
-- ``flex_window``: FlexAttention with a sliding-window block mask (compiled, mask built once per
-  T and cached, as a model would) — skips blocks outside the window, so time should grow ~linearly;
-- ``sdpa_window_mask``: SDPA with a dense (T, T) boolean window mask — what the hybrid model does
-  today; exact but O(T²) in time and memory.
+- ``flex_window``: ``models.layers.local_attention(backend="flex")`` — FlexAttention with a cached
+  sliding-window block mask, compiled — skips blocks outside the window, so time should grow
+  ~linearly (the hybrid's default on CUDA from T = 2048);
+- ``sdpa_window_mask``: ``local_attention(backend="sdpa")`` — SDPA with a dense (T, T) boolean
+  mask; exact but O(T²) in time and memory (the hybrid's path below 2048 and on CPU).
 
-On CPU (``--quick``) FlexAttention is skipped (it needs the GPU's Triton backend to skip blocks);
-the masked SDPA stands in for it. ``ms_per_ktok`` (milliseconds per 1,000 query tokens) is flat for
+The sweep decides whether ``FLEX_MIN_SEQ_LEN`` (2048) in ``models/layers.py`` is the right
+cross-over. On CPU (``--quick``) FlexAttention is skipped (no backward there); the masked SDPA
+stands in for it. ``ms_per_ktok`` (milliseconds per 1,000 query tokens) is flat for
 an O(T·w) implementation and grows linearly with T for an O(T²) one.
 
     python bench/attention_window_sweep.py --device cuda
@@ -43,30 +45,27 @@ COLUMNS = (
 )
 
 
-def _window_mask(t: int, w: int, device: torch.device) -> torch.Tensor:
-    i = torch.arange(t, device=device)[:, None]
-    j = torch.arange(t, device=device)[None, :]
-    return (j <= i) & (j > i - w)
-
-
 def implementations(device: torch.device, window: int) -> dict[str, Any]:
-    """name -> factory(T) returning attn(q, k, v), with any per-T setup (masks) done once."""
-    impls: dict[str, Any] = {
-        "sdpa_causal": lambda t: lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-    }
+    """name -> factory(T) returning attn(q, k, v), with any per-T setup (masks) done once.
+
+    The windowed variants call the trainer's own ``models.layers.local_attention`` with its
+    backend forced, so the sweep times exactly what the hybrid model runs.
+    """
+    from kubearch_trainer.models.layers import local_attention, window_block_mask, window_mask
+
+    def causal(t: int):
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def sdpa_masked(t: int):
-        mask = _window_mask(t, window, device)
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        window_mask(t, window, device)  # cached: built outside the timed region
+        return lambda q, k, v: local_attention(q, k, v, window, backend="sdpa")
 
-    impls["sdpa_window_mask"] = sdpa_masked
-    if device.type == "cuda":
-        # the trainer's own helper: compiled flex_attention, block mask cached per (T, window)
-        from kubearch_trainer.kernels.window_attention import sliding_window_attention, window_block_mask
+    impls: dict[str, Any] = {"sdpa_causal": causal, "sdpa_window_mask": sdpa_masked}
+    if device.type == "cuda":  # FlexAttention has no backward on CPU
 
         def flex_window(t: int):
-            window_block_mask(t, window, str(device))  # built once, outside the timed region
-            return lambda q, k, v: sliding_window_attention(q, k, v, window, backend="flex")
+            window_block_mask(t, window, device)
+            return lambda q, k, v: local_attention(q, k, v, window, backend="flex")
 
         impls["flex_window"] = flex_window
     return impls

@@ -236,6 +236,7 @@ def _measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.devic
         scan="fused" if device.type == "cuda" else "torch",
         n_params=model.num_params(),
         ddp=args.ddp,
+        window_kernel="auto" if device.type == "cuda" else "sdpa",
     )
     row.update(
         status="ok",

@@ -245,6 +245,10 @@ def reconcile_run(namespace: str, name: str) -> float | None:
     ]
     owned = [p for p in pods if p not in foreign]
     decision = reconcile(spec, status, owned, now, run=name, shape=plan.shape, generation=generation)
+    # Status first, actions second: a crash in between leaves the intent recorded (e.g. the new
+    # restartCount), and the next pass finishes the job (old-attempt pods are deleted as stale).
+    new = decision.status.model_dump(mode="json", by_alias=True)
+    _write_status(run, stored, new)
     for pod in foreign:
         if not pod["metadata"].get("deletionTimestamp"):
             _delete_pod(namespace, pod["metadata"]["name"])
@@ -255,9 +259,8 @@ def reconcile_run(namespace: str, name: str) -> float | None:
             shape = decision.status.chosen_shape or plan.shape
             _ensure_group(run, spec, plan, shape, decision.status.restart_count, decision.resume)
         except ConfigError as err:
-            decision.status = invalid_spec(decision.status, str(err), now, generation)
-    new = decision.status.model_dump(mode="json", by_alias=True)
-    _write_status(run, stored, new)
+            refused = invalid_spec(decision.status, str(err), now, generation)
+            _write_status(run, new, refused.model_dump(mode="json", by_alias=True))
     for type_, reason, message in decision.events:
         _post_event(run, type_, reason, message)
     _record_phase(key, decision.status.phase)
@@ -276,8 +279,19 @@ def reconcile_run(namespace: str, name: str) -> float | None:
     return decision.requeue_after
 
 
+def _prune(value: Any) -> Any:
+    """Drop nulls and empty values: the stored status has none (the merge patch deletes them)."""
+    if isinstance(value, dict):
+        out = {k: _prune(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in (None, {}, [], "")}
+    if isinstance(value, list):
+        return [_prune(v) for v in value]
+    return value
+
+
 def _write_status(run: dict[str, Any], stored: dict[str, Any], new: dict[str, Any]) -> None:
-    if new == stored:
+    """Patch the status subresource, unless nothing changed (no write, no event, per resync)."""
+    if _prune(new) == _prune(stored):
         return
     meta = run["metadata"]
     _clients["custom"].patch_namespaced_custom_object_status(
@@ -295,6 +309,18 @@ def _wake(namespace: str | None, name: str | None) -> None:
 # ------------------------------------------------------------------------------------------------
 # kopf handlers
 # ------------------------------------------------------------------------------------------------
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
+    """Until a wake-up, a stop request (kopf's flag: exit promptly, no cancellation) or ``timeout``."""
+    waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def run_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:
     """The per-run reconcile loop (see the module docstring)."""
@@ -321,8 +347,7 @@ async def run_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logge
             if requeue == GONE:
                 return
             timeout = RESYNC_SECONDS if requeue is None else max(0.1, min(RESYNC_SECONDS, requeue))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            await _sleep(wake, stopped, timeout)
     finally:
         _wakeups.pop(key, None)
 

@@ -225,7 +225,9 @@ def operator(installed: Kube, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # kopf peering as in production: the CRDs first, then the ClusterKopfPeering object.
     peering = REPO / "manifests" / "peering.yaml"
     installed.kubectl("apply", "-f", str(peering), "--selector=", check=False)
-    installed.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/clusterkopfpeerings.kopf.dev")
+    installed.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/clusterkopfpeerings.kopf.dev"
+    )
     installed.kubectl("apply", "-f", str(peering))
     op = Operator(installed, tmp_path_factory.mktemp("operator")).start()
     try:

@@ -157,6 +157,15 @@ def test_every_example_is_accepted_by_the_schema(installed, namespace: str) -> N
     assert proc.stdout.count("created (server dry run)") == len(list((REPO / "examples").glob("*.yaml")))
 
 
+def test_every_manifest_is_accepted(installed, operator) -> None:
+    """namespace, CRD, RBAC and peering are applied by the fixtures; the Deployment is checked too."""
+    proc = installed.kubectl("apply", "--dry-run=server", "-f", str(REPO / "manifests"))
+    assert (
+        "deployment.apps/kubearch-operator" in proc.stdout
+        and "service/kubearch-operator-metrics" in proc.stdout
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # the operator
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,18 @@ def test_bad_values_exit_config_error_before_any_work(
     for needle in needles:
         assert needle in err, (needle, err)
     assert not out.exists()
+
+
+def test_config_error_reaches_the_termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBEARCH_TERMINATION_LOG", str(term))
+    assert run_train(["--model-size", "huge"]) == ExitCode.CONFIG_ERROR
+    summary = json.loads(term.read_text())
+    assert (
+        summary["status"] == "config_error"
+        and summary["exit_code"] == 64
+        and "model.size" in summary["error"]
+    )
 
 
 def test_plugin_module_registers_an_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,7 +67,7 @@ def test_activation_estimate_matches_saved_tensors(arch: str, kw: dict, scan: st
     cfg, model = _model(arch, **kw)
     b, t = 4, 64
     measured = measure_saved_bytes(model, _batch(cfg, b, t), amp=amp)
-    est = estimate_memory(cfg, b, t, amp=amp, scan=scan)
+    est = estimate_memory(cfg, b, t, amp=amp, scan=scan, window_kernel="sdpa")
     # the loss's log-softmax output (fp32, V per token) is saved too; the estimator books it
     # under ``logits`` together with the transient buffers
     predicted = est.saved_for_backward + 4 * cfg.vocab_size * b * t
@@ -126,6 +126,19 @@ def test_peak_composition() -> None:
     assert acc.total == big.total + big.gradients
     assert estimate_memory(cfg, 8, 1024, ddp=True).total == big.total + big.weights  # 4·P buckets
     assert big.as_dict()["total"] == big.total
+
+
+def test_hybrid_dense_mask_only_on_the_sdpa_path() -> None:
+    cfg = ModelConfig(architecture="hybrid", size="small", hybrid_local_window=256)
+    sdpa = estimate_memory(cfg, 2, 4096, window_kernel="sdpa")
+    flex = estimate_memory(cfg, 2, 4096, window_kernel="flex")
+    n_attn = 3  # 6 layers, every 2nd is attention
+    assert sdpa.activations - flex.activations == n_attn * 3 * 4096 * 4096  # bf16 bias + bool mask
+    assert estimate_memory(cfg, 2, 4096).activations == flex.activations  # auto: Flex from 2048
+    assert (
+        estimate_memory(cfg, 2, 1024).activations
+        == estimate_memory(cfg, 2, 1024, window_kernel="sdpa").activations
+    )
 
 
 def test_moe_activations_grow_with_top_k() -> None:

@@ -214,3 +214,12 @@ def test_main_defaults_to_all_namespaces_and_liveness() -> None:
         "--liveness=http://0.0.0.0:8080/healthz",
     ]
     assert "--all-namespaces" not in build_args(["--namespace=ml", "--liveness=http://x:1/h"])
+
+
+def test_status_writes_skip_no_op_patches() -> None:
+    from kubearch_operator.handlers import _prune
+
+    stored = {"phase": "Running", "message": "", "restartCount": 0, "metrics": {}, "conditions": []}
+    new = {"phase": "Running", "message": "", "restartCount": 0, "startTime": None, "progress": None}
+    assert _prune(new) == _prune(stored)  # nothing to write
+    assert _prune({**new, "restartCount": 1}) != _prune(stored)

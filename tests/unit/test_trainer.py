@@ -225,6 +225,7 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     model = {"dropout": 0.1}
     extra = {"gradient_accumulation_steps": 2, "checkpoint_every": 3}
     full = train(tiny_cfg(tmp_path / "full", model, **extra))
+    # Stop inside a log window (log_every 2): the window's partial loss must carry over.
     first = train(tiny_cfg(tmp_path / "split", model, **extra), stop_after=5)
     assert first["status"] == "stopped" and first["steps"] == 5
     second = train(tiny_cfg(tmp_path / "split", model, resume=True, **extra))
@@ -238,6 +239,11 @@ def test_resume_is_exact(tmp_path: Path) -> None:
     assert full["loss_history"] == second["loss_history"]
     assert full["final_val_loss"] == second["final_val_loss"]
     assert second["tokens"] == full["tokens"]
+    # Stopping on a log step (4) must not count that window twice.
+    third = train(tiny_cfg(tmp_path / "split4", model, **extra), stop_after=4)
+    assert third["steps"] == 4
+    fourth = train(tiny_cfg(tmp_path / "split4", model, resume=True, **extra))
+    assert fourth["loss_history"] == full["loss_history"]
 
 
 def test_resume_refuses_other_model_settings(tmp_path: Path) -> None:

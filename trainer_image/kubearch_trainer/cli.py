@@ -16,6 +16,7 @@ Subcommands of ``kubearch`` live in :data:`SUBCOMMANDS`; another package adds on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
@@ -108,6 +109,9 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
 )
 
 
+_SEED_FLAGS = frozenset(f[0] for f in _FLAGS[:19])
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors are configuration errors too: exit CONFIG_ERROR, not argparse's 2."""
 
@@ -128,12 +132,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=S,
         help="import MODULE first (it registers extra architectures); repeatable",
     )
+    seed = parser.add_argument_group("the seed's flags (Architecture Comparison Guide)")
+    own = parser.add_argument_group("kubearch flags")
     for flag, section, field, typ, help_ in _FLAGS:
+        group = seed if flag in _SEED_FLAGS else own
         dest = f"{section}__{field}"
         if typ is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=S, help=help_)
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=S, help=help_)
         else:
-            parser.add_argument(flag, dest=dest, type=typ, default=S, help=help_)
+            metavar = {int: "N", float: "X"}.get(typ, field.upper())
+            group.add_argument(flag, dest=dest, type=typ, default=S, metavar=metavar, help=help_)
 
 
 def _snake(key: str) -> str:
@@ -224,11 +232,25 @@ def _train_from_namespace(ns: argparse.Namespace, prog: str) -> int:
         cfg = config_from_args(ns)
     except ConfigError as err:
         print(f"{prog}: config error:\n  " + str(err).replace("\n", "\n  "), file=sys.stderr)
+        _termination_message(
+            {"status": "config_error", "exit_code": int(ExitCode.CONFIG_ERROR), "error": str(err)}
+        )
         return int(ExitCode.CONFIG_ERROR)
     from kubearch_trainer.trainer import train
 
     results = train(cfg)
     return int(results["exit_code"])
+
+
+def _termination_message(summary: dict[str, Any]) -> None:
+    """Where ``KUBEARCH_TERMINATION_LOG`` points (the pod's /dev/termination-log), a < 4 KB JSON reason."""
+    path = os.environ.get("KUBEARCH_TERMINATION_LOG")
+    if path:
+        import json
+
+        summary["error"] = str(summary.get("error", ""))[:2000]
+        with contextlib.suppress(OSError):  # a missing mount must not mask the config error
+            Path(path).write_text(json.dumps(summary))
 
 
 def train_main(argv: Sequence[str] | None = None) -> NoReturn:

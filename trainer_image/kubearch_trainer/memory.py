@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 Optimizer = Literal["adamw", "sgd", "none"]
 ScanImpl = Literal["fused", "torch"]
+WindowKernel = Literal["auto", "sdpa", "flex"]
+#: models/layers.py's rule for picking FlexAttention on CUDA (FLEX_MIN_SEQ_LEN, FLEX_BLOCK_SIZE,
+#: FLEX_MIN_HEAD_DIM); mirrored here so the estimator stays importable without torch.
+FLEX_MIN_SEQ_LEN, FLEX_BLOCK_SIZE, FLEX_MIN_HEAD_DIM = 2048, 128, 16
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "sgd": 4, "none": 0}
 #: Time steps per stored state in the fused (Triton) scan's forward (kernels/scan_triton.py).
 FUSED_SCAN_CHUNK = 64
@@ -178,6 +182,18 @@ def activation_bytes_per_token(
     return sum(per_layer) + head
 
 
+def _uses_flex(cfg: ModelConfig, seq_len: int, window_kernel: WindowKernel) -> bool:
+    if window_kernel != "auto":
+        return window_kernel == "flex"
+    head_dim = cfg.resolved("d_model") // cfg.resolved("n_heads")
+    return (
+        seq_len >= FLEX_MIN_SEQ_LEN
+        and seq_len % FLEX_BLOCK_SIZE == 0
+        and head_dim >= FLEX_MIN_HEAD_DIM
+        and cfg.dropout == 0.0
+    )
+
+
 def estimate_memory(
     cfg: ModelConfig,
     batch_size: int,
@@ -190,6 +206,7 @@ def estimate_memory(
     n_params: int | None = None,
     grads_persist: bool = False,
     ddp: bool = False,
+    window_kernel: WindowKernel = "auto",
 ) -> MemoryEstimate:
     """Predicted peak training memory of one process for ``batch_size`` × ``seq_len`` tokens.
 
@@ -197,6 +214,9 @@ def estimate_memory(
     ``scan`` is the selective-scan implementation the Mamba layers will use: ``fused`` (mamba-ssm
     or the Triton kernel, on CUDA) or ``torch`` (the chunked PyTorch scan, CPU fallback).
     ``grads_persist``: gradient accumulation over micro-batches; ``ddp``: a DDP wrapper's buckets.
+    ``window_kernel``: the hybrid's local-attention kernel; ``auto`` follows
+    ``models.layers.resolve_local_backend`` on a GPU (FlexAttention for T >= 2048, T a multiple of
+    128, head dim >= 16, no dropout; otherwise SDPA with a dense mask). Use ``sdpa`` for CPU runs.
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
@@ -210,10 +230,12 @@ def estimate_memory(
     v = cfg.vocab_size
     logits = v * (s + 4 + 4 + 4)  # output, saved log-softmax, its gradient in and out
     matmul_weights = counts.total - counts.lookup_only
-    # The hybrid's window is a (T, T) boolean mask (cached per module) that SDPA turns into an
-    # additive float bias per call and keeps for backward: per batch, not per token.
+    # The hybrid's window on the SDPA path is a (T, T) boolean mask (cached per layer) that SDPA
+    # turns into an additive float bias per call and keeps for backward: per batch, not per token.
+    # FlexAttention's block mask is (T/128)² integers: nothing.
     window_layers = layer_kinds(cfg).count("attention") if cfg.architecture == "hybrid" else 0
-    mask = window_layers * (s + 1) * seq_len * seq_len if cfg.hybrid_local_window < seq_len else 0
+    dense_mask = cfg.hybrid_local_window < seq_len and not _uses_flex(cfg, seq_len, window_kernel)
+    mask = window_layers * (s + 1) * seq_len * seq_len if dense_mask else 0
     return MemoryEstimate(
         weights=4 * p,
         gradients=4 * p,

@@ -27,8 +27,8 @@ import os
 import platform
 import resource
 import signal
-import threading
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -521,7 +521,6 @@ def train(
 
             last = state.step == total_steps
             stopping = state.step == stop_after or preempt
-            state.window = (float(window_loss), float(window_n)) if stopping else None
             if state.step % t.log_every == 0 or last:
                 packed = torch.stack([window_loss, window_n])
                 all_reduce_sum(packed)
@@ -553,6 +552,8 @@ def train(
                 window_n.zero_()
                 window_t0, window_steps, window_tokens = time.perf_counter(), 0, 0
 
+            # A stop inside a log window carries the window over, so the resumed run logs the same rows.
+            state.window = (float(window_loss), float(window_n)) if stopping else None
             if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
                 eval_t0 = time.perf_counter()
                 state.last_val = evaluate(eval_model, data, cfg, dist_info, amp_ctx())

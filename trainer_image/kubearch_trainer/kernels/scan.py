@@ -125,10 +125,11 @@ def _mamba_ssm_scan():  # cached: a failed import would otherwise be retried eve
 @functools.cache
 def _triton_scan():
     try:
-        from kubearch_trainer.kernels.scan_triton import selective_scan_triton
+        from kubearch_trainer.kernels.scan_triton import selective_scan_triton, triton_scan_available
     except Exception:  # the Triton kernel is optional (and needs triton + CUDA)
         return None
-    return selective_scan_triton
+    # A CUDA build of torch without a working Triton must fall back, not raise.
+    return selective_scan_triton if triton_scan_available("cuda") else None
 
 
 def selective_scan(

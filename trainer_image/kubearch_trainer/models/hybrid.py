@@ -6,9 +6,16 @@ otherwise; with the default every=2 and 4 layers: Mamba, Attn, Mamba, Attn. The 
 always Mamba (unless every=1), so attention sees order already mixed in by the recurrence and the
 model needs no position embeddings (RoPE is still applied if the attention variant asks for it).
 
-Attention is restricted to a window w: token i sees token j iff ``i - w < j <= i``. That costs
-O(T·w) instead of O(T²) in principle; here the window is a boolean mask given to SDPA (cached
-per (T, w, device)), which is exact and runs on every device.
+Attention is restricted to a window w: token i sees token j iff ``i - w < j <= i``, computed by
+:func:`~kubearch_trainer.models.layers.local_attention`. Two exact kernels, same result:
+
+- FlexAttention with a cached block mask (compiled once per process): skips the 128×128 tiles
+  outside the window, so attention costs O(T·w) time and memory. Chosen by default on CUDA from
+  T = 2048 (on the H100 it loses to SDPA's flash kernel at 1K and wins from 4K);
+- SDPA with a cached dense (T, T) boolean mask: O(T²) memory and work, runs everywhere (CPU,
+  training on CPU, attention dropout, short sequences).
+
+``KUBEARCH_LOCAL_ATTENTION=auto|sdpa|flex`` overrides the choice for the process.
 """
 
 from __future__ import annotations
