@@ -134,12 +134,12 @@ def test_regulation_lowers_the_attention_variance() -> None:
 
 
 def test_regulation_lowers_the_noise_prediction_variance() -> None:
-    cfg = ModelConfig(architecture="ddpm", image_size=16, d_model=8, diffusion_timesteps=50)
+    cfg = ModelConfig(architecture="ddpm", image_size=8, d_model=8, diffusion_timesteps=50)
     g = torch.Generator().manual_seed(0)
     batch = {
-        "images": torch.rand(8, 1, 16, 16, generator=g),
+        "images": torch.rand(8, 1, 8, 8, generator=g),
         "timesteps": torch.randint(0, 50, (8,), generator=g),
-        "noise": torch.randn(8, 1, 16, 16, generator=g),
+        "noise": torch.randn(8, 1, 8, 8, generator=g),
     }
     reg_cfg = RegulationConfig(
         enabled=True,

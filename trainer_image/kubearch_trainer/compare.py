@@ -37,7 +37,7 @@ DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
 DEFAULTS = {
     "model_size": "tiny",
     "steps": 30,
-    "batch_size": 8,
+    "batch_size": 4,
     "gradient_accumulation_steps": 1,
     "seq_len": 64,
     "learning_rate": 1e-3,
@@ -69,7 +69,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", type=float, default=d["learning_rate"])
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
     p.add_argument("--eval-batches", type=int, default=d["eval_batches"])
-    p.add_argument("--eval-every", type=int, default=None, help="default: 4 evaluations per run")
+    p.add_argument("--eval-every", type=int, default=None, help="default: 5 evaluations per run")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--nproc-per-node", type=int, default=1, help=">1 launches each run with torchrun")
@@ -126,7 +126,7 @@ def run_compare_from_args(ns: argparse.Namespace) -> int:
 
 def trainer_argv(ns: argparse.Namespace, arch: str, out: Path) -> list[str]:
     """The trainer flags of one run: identical for every architecture except ``--architecture``."""
-    eval_every = ns.eval_every if ns.eval_every is not None else max(1, ns.steps // 4)
+    eval_every = ns.eval_every if ns.eval_every is not None else max(1, ns.steps // 5)
     argv = [
         "--architecture",
         arch,

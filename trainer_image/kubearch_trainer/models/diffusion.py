@@ -218,9 +218,9 @@ class DDPM(KubearchModel):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         width, depth = family_dims(cfg, "diffusion")
+        # Fewer levels for small or odd image sizes: each down-sampling must halve the side exactly
+        # so the up path's skip connections line up (e.g. 28 -> 14 -> 7 allows three levels).
         levels = max(1, min(depth, max_downsamples(cfg.image_size, min_side=2) + 1))
-        if cfg.image_size % 2 ** (levels - 1):
-            raise ValueError(f"model.image_size ({cfg.image_size}) must be divisible by {2 ** (levels - 1)}")
         self.net = UNet(cfg.image_channels, width, levels)
         self.arch_dims = {"base_channels": width, "levels": levels, "timesteps": cfg.diffusion_timesteps}
         self.diffusion = GaussianDiffusion(cfg.noise_schedule, cfg.diffusion_timesteps)

@@ -11,7 +11,8 @@ All four share a convolutional encoder/decoder (:mod:`image_blocks`) sized by ``
 Each model puts the latent it wants the 2π regulariser to watch into ``ModelOutput.regulated``
 (``latent`` or ``latent_l{i}`` per level) and implements ``evaluate_extra(val_dataset)``, which
 the train loop calls at the end: it returns the MIG disentanglement score when the validation
-batches carry known ``factors`` (the generated shapes data set).
+batches carry known ``factors`` (the generated shapes data set) and FID-free sample-quality
+proxies for the models that can sample from their prior.
 """
 
 from __future__ import annotations
