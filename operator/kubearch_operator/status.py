@@ -125,6 +125,10 @@ def _classify(v: PodView) -> Failure:
     if v.pod_reason in RETRYABLE_POD_REASONS:
         return Failure(v.name, True, v.pod_reason, f"pod {v.name} {v.pod_reason.lower()}; retryable")
     code = v.exit_code
+    reported = parse_report(v.termination_message).get("exit_code")
+    if code == ExitCode.FAILED and isinstance(reported, int) and reported in PERMANENT_EXIT_CODES:
+        # torchrun exits 1 whatever its worker's code was; the trainer's own code is in its report.
+        code = reported
     if code is None:
         return Failure(v.name, True, "PodFailed", f"pod {v.name} failed without an exit code; retryable")
     if code in PERMANENT_EXIT_CODES:

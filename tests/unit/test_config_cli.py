@@ -226,3 +226,15 @@ def test_kubearch_lists_subcommands_and_module_entry_point_runs(capsys: pytest.C
         [sys.executable, "-m", "kubearch_trainer", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "--hybrid-local-window" in proc.stdout and "--config" in proc.stdout
+
+
+def test_every_field_comes_back_from_its_camel_case_alias(tmp_path: Path) -> None:
+    """The operator writes the trainer's config with pydantic's camelCase aliases ("moeZLossWeight")."""
+    import yaml
+    from kubearch_trainer.config import TrainConfig
+
+    cfg = TrainConfig()
+    f = tmp_path / "aliases.yaml"
+    f.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    assert "moeZLossWeight" in f.read_text()
+    assert parse(["--config", str(f)]) == cfg

@@ -256,3 +256,13 @@ def test_invalid_spec_changes_only_a_condition() -> None:
     new = invalid_spec(st, "spec.model: d_model (100) must be divisible by n_heads (3)", NOW, 4)
     assert new.phase == "Running" and new.restart_count == 2
     assert cond(new, "SpecValid").status == "False" and "divisible" in cond(new, "SpecValid").message
+
+
+def test_torchrun_exit_1_with_the_trainers_permanent_code_is_not_retried() -> None:
+    """torchrun exits 1 whatever its worker's code was; the trainer's report carries the real one."""
+    report = json.dumps({"status": "data_error", "exit_code": 65, "error": "data.path: 'x' does not exist"})
+    failure = classify_failure(pod_view(terminate(make_pods(make_spec())[0], "Failed", 1, report)))
+    assert not failure.retryable and failure.reason == "DataError"
+    assert failure.message.endswith("not retried: data.path: 'x' does not exist")
+    crashed = json.dumps({"status": "failed", "exit_code": 1, "error": "RuntimeError: boom"})
+    assert classify_failure(pod_view(terminate(make_pods(make_spec())[0], "Failed", 1, crashed))).retryable

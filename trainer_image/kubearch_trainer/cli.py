@@ -145,7 +145,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _snake(key: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+    # Split before a capital that follows a lowercase letter/digit, and inside a run of capitals before
+    # the last one ("moeZLossWeight" -> "moe_z_loss_weight", pydantic's camelCase of moe_z_loss_weight).
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", key).lower()
 
 
 def _snake_keys(obj: Any) -> Any:

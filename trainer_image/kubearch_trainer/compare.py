@@ -36,8 +36,8 @@ DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
 #: losses visibly separate; on a GPU raise --steps, --seq-len and --batch-size.
 DEFAULTS = {
     "model_size": "tiny",
-    "steps": 30,
-    "batch_size": 4,
+    "steps": 60,
+    "batch_size": 8,
     "gradient_accumulation_steps": 1,
     "seq_len": 64,
     "learning_rate": 1e-3,
