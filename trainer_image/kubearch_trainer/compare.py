@@ -36,7 +36,7 @@ DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
 #: losses visibly separate; on a GPU raise --steps, --seq-len and --batch-size.
 DEFAULTS = {
     "model_size": "tiny",
-    "steps": 60,
+    "steps": 40,
     "batch_size": 8,
     "gradient_accumulation_steps": 1,
     "seq_len": 64,
