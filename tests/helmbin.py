@@ -45,5 +45,7 @@ def helm(*args: str, check: bool = True, **kwargs: object) -> subprocess.Complet
         [helm_binary(), *args], capture_output=True, text=True, timeout=120, env=env, **kwargs
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc

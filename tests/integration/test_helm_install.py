@@ -44,7 +44,9 @@ def test_helm_install_and_uninstall(installed: Any, release_namespace: str) -> N
         assert dep.strip() == f"deployment.apps/{name}"
         installed.kubectl("get", "clusterrole", name)
         installed.kubectl("get", "clusterkopfpeering", "kbh-peering")
-        cms = installed.kubectl("get", "configmap", "-n", release_namespace, "-l", "grafana_dashboard=1", "-o", "name")
+        cms = installed.kubectl(
+            "get", "configmap", "-n", release_namespace, "-l", "grafana_dashboard=1", "-o", "name"
+        )
         assert "kubearch-dashboard-kubearch-training" in cms.stdout
         # The API server defaulted the Deployment: proof it went through real admission.
         strategy = installed.kubectl(
@@ -54,7 +56,10 @@ def test_helm_install_and_uninstall(installed: Any, release_namespace: str) -> N
     finally:
         helm("uninstall", release, "--kubeconfig", kubeconfig, "-n", release_namespace)
     wait_for(
-        lambda: installed.kubectl("get", "clusterrole", f"{release}-kubearch-operator", check=False).returncode != 0,
+        lambda: (
+            installed.kubectl("get", "clusterrole", f"{release}-kubearch-operator", check=False).returncode
+            != 0
+        ),
         timeout=30,
         what="the release's ClusterRole to be deleted by helm uninstall",
     )

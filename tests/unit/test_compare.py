@@ -111,3 +111,56 @@ def test_bad_architecture_fails_before_any_run(tmp_path: Path, capsys: pytest.Ca
     assert code == ExitCode.CONFIG_ERROR
     assert "model.architecture" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.timeout(120)
+def test_image_tasks_get_their_own_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "img"
+    code = run_kubearch(
+        [
+            "compare",
+            "--architectures",
+            "vae,cnn",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--eval-batches",
+            "1",
+            "--output-dir",
+            str(out),
+            "--extra",
+            "--d-model 8 --n-layers 1 --image-size 16 --latent-dim 4",
+        ]
+    )
+    assert code == 0
+    md = (out / "comparison.md").read_text()
+    headers = [line for line in md.splitlines() if line.startswith("| Architecture")]
+    assert headers == [
+        "| Architecture | Time | Memory | Final Loss | Tokens/sec | NaN count | Recon | KL | MIG | Notes |",
+        "| Architecture | Time | Memory | Final Loss | Tokens/sec | NaN count | Accuracy | Notes |",
+    ]
+    rows = {r["architecture"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    vae = json.loads((out / "vae" / "results.json").read_text())["val_metrics"]
+    vae_line = next(line for line in md.splitlines() if line.startswith("| vae |"))
+    cells = [c.strip() for c in vae_line.split("|")[1:-1]]
+    assert cells[6:9] == [f"{vae['recon_loss']:.2f}", f"{vae['kl']:.2f}", f"{vae['mig']:.3f}"]
+    cnn_line = next(line for line in md.splitlines() if line.startswith("| cnn |"))
+    assert f"| {rows['cnn']['val_accuracy']:.3f} |" in cnn_line
+    assert "Task `image_recon`" in capsys.readouterr().out
+
+
+def test_codebook_column_prefers_the_validation_perplexity() -> None:
+    base = {"status": "completed", "task": "image_recon", "final_val_loss": 100.0, "nan_count": 0}
+    vq = row_from_results(
+        "vq_vae",
+        base
+        | {"val_metrics": {"recon_loss": 99.0, "codebook_perplexity": 3.0, "val_codebook_perplexity": 7.5}},
+    )
+    vae = row_from_results("vae", base | {"val_metrics": {"recon_loss": 90.0, "kl": 4.0}})
+    table = markdown_table([vae, vq]).splitlines()
+    assert table[0].endswith("| NaN count | Recon | KL | Codebook ppl | Notes |")
+    assert "| 90.00 | 4.00 | - |" in table[2] and "| 99.00 | - | 7.5 |" in table[3]
+    assert all(line.count("|") == table[0].count("|") for line in table)

@@ -238,3 +238,93 @@ def test_every_field_comes_back_from_its_camel_case_alias(tmp_path: Path) -> Non
     f.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True, exclude_none=True)))
     assert "moeZLossWeight" in f.read_text()
     assert parse(["--config", str(f)]) == cfg
+
+
+def test_image_and_regulation_flags_land_in_their_nested_fields(tmp_path: Path) -> None:
+    f = tmp_path / "reg.yaml"
+    f.write_text("training:\n  regulation:\n    lambdaRate: 3.0\n    regulateFfn: false\n")
+    cfg = parse(
+        [
+            "--config",
+            str(f),
+            "--architecture",
+            "vq_vae",
+            "--image-size",
+            "16",
+            "--image-channels",
+            "3",
+            "--num-classes",
+            "5",
+            "--latent-dim",
+            "6",
+            "--beta",
+            "2.5",
+            "--codebook-size",
+            "32",
+            "--commitment-cost",
+            "0.5",
+            "--dead-code-steps",
+            "7",
+            "--diffusion-timesteps",
+            "40",
+            "--noise-schedule",
+            "cosine",
+            "--ddim-steps",
+            "4",
+            "--dropout",
+            "0.2",
+            "--regulation",
+            "--variance-threshold",
+            "0.7",
+            "--lambda-variance",
+            "1.5",
+            "--no-adaptive-schedule",
+            "--no-regulate-attention",
+            "--no-layer-specific",
+            "--regulation-warmup-steps",
+            "11",
+            "--no-regulate-noise",
+            "--no-timestep-dependent",
+            "--variance-schedule",
+            "constant",
+            "--max-variance",
+            "0.3",
+        ]
+    )
+    m, r = cfg.model, cfg.training.regulation
+    assert (m.architecture, m.image_size, m.image_channels, m.num_classes, m.latent_dim) == (
+        "vq_vae",
+        16,
+        3,
+        5,
+        6,
+    )
+    assert (m.beta, m.codebook_size, m.commitment_cost, m.dead_code_steps) == (2.5, 32, 0.5, 7)
+    assert (m.diffusion_timesteps, m.noise_schedule, m.ddim_steps, m.dropout) == (40, "cosine", 4, 0.2)
+    assert r.enabled and (r.variance_threshold, r.lambda_variance, r.warmup_steps) == (0.7, 1.5, 11)
+    assert r.lambda_rate == 3.0 and r.regulate_ffn is False  # from the YAML, not clobbered by flags
+    assert not (r.adaptive_schedule or r.regulate_attention or r.layer_specific)
+    assert not (r.regulate_noise or r.timestep_dependent)
+    assert (r.variance_schedule, r.max_variance) == ("constant", 0.3)
+    assert cfg.training.warmup_steps == 10  # --regulation-warmup-steps is not the LR warmup
+    assert parse(["--no-regulation"]).training.regulation.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--noise-schedule", "foo"], ["model.noise_schedule", "'foo'", "linear", "cosine"]),
+        (
+            ["--variance-schedule", "foo"],
+            ["training.regulation.variance_schedule", "linear", "cosine", "constant"],
+        ),
+        (["--variance-threshold", "0"], ["training.regulation.variance_threshold", "greater than 0"]),
+    ],
+)
+def test_bad_image_and_regulation_values_exit_config_error(
+    argv: list[str], needles: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    assert run_train(argv) == ExitCode.CONFIG_ERROR
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, (needle, err)

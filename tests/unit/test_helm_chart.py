@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 from helmbin import CHART, REPO, helm
-
 from kubearch_operator import builders
 from kubearch_operator.api import TrainingRunSpec
 
@@ -48,7 +47,9 @@ def test_rbac_rules_equal_the_plain_manifests() -> None:
     (binding,) = by_kind(render(), "ClusterRoleBinding")
     (sa,) = by_kind(render(), "ServiceAccount")
     assert binding["roleRef"]["name"] == chart_role["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NS}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NS}
+    ]
 
 
 def test_operator_container_equals_the_plain_manifests() -> None:
@@ -108,10 +109,9 @@ def test_monitoring_objects_only_when_enabled_and_they_select_trainer_pods() -> 
 
 def _exported_sample_names() -> set[str]:
     """Every sample name the trainer's and the operator's registries can expose."""
-    from prometheus_client import REGISTRY
-
     import kubearch_operator.handlers  # noqa: F401 - registers the operator's metrics
     from kubearch_trainer.metrics import TrainMetrics
+    from prometheus_client import REGISTRY
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: set[str] = set()

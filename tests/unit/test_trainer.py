@@ -273,3 +273,152 @@ def test_sigterm_checkpoints_and_exits_for_a_restart(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
     again = train(tiny_cfg(tmp_path, {"architecture": "test_sigterm_lm"}, resume=True))
     assert again["status"] == "completed" and again["resumed_from_step"] == 4 and again["steps"] == 10
+
+
+def test_image_run_reports_extras_family_dims_and_regulation_metrics(tmp_path: Path) -> None:
+    """beta_vae on the shapes set: MIG from evaluate_extra, the VAE's own dims, reg_* terms, gauges."""
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped: dict[str, dict[str, float]] = {}
+    port: list[int] = []
+
+    def log(msg: str) -> None:
+        m = re.search(r"metrics on http://[^:]+:(\d+)/", msg)
+        if m:
+            port.append(int(m.group(1)))
+        if msg.startswith("kubearch: extra metrics"):  # evaluate_extra has run; the gauges are set
+            with urllib.request.urlopen(f"http://127.0.0.1:{port[0]}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            scraped.update(
+                {
+                    s.labels["name"]: s.value
+                    for fam in text_string_to_metric_families(text)
+                    if fam.name == "kubearch_model_metric"
+                    for s in fam.samples
+                }
+            )
+
+    cfg = load_config(
+        {
+            "model": {"architecture": "beta_vae", "image_size": 16, "d_model": 8, "n_layers": 1}
+            | {"latent_dim": 4},
+            "data": {"dataset": "shapes"},
+            "training": {
+                "steps_per_epoch": 3,
+                "batch_size": 4,
+                "log_every": 1,
+                "eval_every": 0,
+                "eval_batches": 1,
+                "device": "cpu",
+                "output_dir": str(tmp_path),
+                "metrics_port": 0,
+                "regulation": {"enabled": True, "warmup_steps": 0},
+            },
+        }
+    )
+    res = train(cfg, log=log)
+    assert res["status"] == "completed", res["error"]
+    on_disk = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert "shapes" in on_disk["data"]
+    mig = on_disk["val_metrics"]["mig"]
+    assert isinstance(mig, float) and 0.0 <= mig <= 1.0
+    assert on_disk["extra_metrics"]["mig"] == mig and on_disk["extra_metrics_error"] is None
+    assert 0 <= on_disk["extra_metrics"]["active_latents"] <= 4
+    # The VAE's geometry, not the size preset's transformer dims.
+    assert on_disk["dims"] == {"base_channels": 8, "stages": 1, "latent_dim": 4}
+    assert "d_model" not in on_disk["dims"]
+    # The regulator's terms reach results.json and the generic gauge.
+    reg = on_disk["train_metrics"]
+    assert {"reg_loss", "reg_variance", "reg_rate"} <= set(reg) and reg["reg_variance"] > 0
+    assert scraped["mig"] == pytest.approx(mig)
+    assert scraped["reg_variance"] == pytest.approx(reg["reg_variance"])
+    assert "kl" in scraped and "recon_loss" in scraped
+
+
+def test_a_failing_evaluate_extra_is_recorded_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubearch_trainer.models import vae
+
+    def broken(self: Any, val_dataset: Any) -> dict[str, float]:
+        raise ValueError("no factors today")
+
+    monkeypatch.setattr(vae._ImageVAEBase, "evaluate_extra", broken)
+    cfg = load_config(
+        {
+            "model": {"architecture": "vae", "image_size": 16, "d_model": 8, "latent_dim": 4},
+            "training": {"steps_per_epoch": 2, "batch_size": 4, "eval_batches": 1, "device": "cpu"}
+            | {"output_dir": str(tmp_path)},
+        }
+    )
+    res = train(cfg, log=lambda _: None)
+    assert res["status"] == "completed" and res["exit_code"] == 0
+    assert "no factors today" in res["extra_metrics_error"] and res["extra_metrics"] == {}
+
+
+@pytest.mark.timeout(240)
+def test_ranks_disagreeing_on_the_checkpoint_fail_with_a_config_error(tmp_path: Path) -> None:
+    """Multi-node without shared storage: rank 0 finds the checkpoint, rank 1 (another "node") does not.
+
+    Each process gets its own --output-dir, as node-local disks would be; resuming only rank 0
+    would silently train diverged replicas, so both ranks must stop with CONFIG_ERROR instead.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    train(tiny_cfg(tmp_path / "rank0", steps_per_epoch=2), log=lambda _: None)
+    assert (tmp_path / "rank0" / CHECKPOINT_NAME).exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        argv = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64", "--max-seq-len", "64"]
+        argv += ["--seq-len", "32", "--batch-size", "4", "--steps-per-epoch", "4", "--device", "cpu"]
+        argv += ["--resume", "--output-dir", str(tmp_path / f"rank{rank}")]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "kubearch_trainer", *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [ExitCode.CONFIG_ERROR] * 2, outputs
+    res = json.loads((tmp_path / "rank0" / RESULTS_NAME).read_text())
+    assert res["status"] == "config_error" and res["steps"] == 0  # it did not resume alone
+    assert "training.output_dir" in res["error"] and "1 of 2 ranks" in res["error"]
+    assert "ReadWriteMany" in res["error"] and "spec.resources.checkpointClaim" in res["error"]
+    assert "training.output_dir" in outputs[0]  # the reason is in rank 0's log, not only the JSON
+
+
+def test_progress_line_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a TTY: one self-overwriting status line, erased before every regular log line."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stdout", term)
+    train(tiny_cfg(tmp_path / "tty", steps_per_epoch=4, log_every=2, eval_every=0))
+    text = term.getvalue()
+    assert "\r\x1b[Kstep 4/4 [####################]" in text  # the forced final redraw
+    lines = text.split("\n")
+    logs = [line for line in lines if "| lr " in line]
+    assert len(logs) == 2 and all(line.startswith(("step ", "\r\x1b[Kstep ")) for line in logs)
+    assert all("[#" not in line.split("\r\x1b[K")[-1] for line in logs)  # a log line is never mixed in
+
+    plain = io.StringIO()  # a pod's stdout (kubectl logs) or a file: log lines only
+    monkeypatch.setattr("sys.stdout", plain)
+    train(tiny_cfg(tmp_path / "file", steps_per_epoch=4, log_every=2, eval_every=0))
+    assert "\r" not in plain.getvalue() and "step      4/4" in plain.getvalue()

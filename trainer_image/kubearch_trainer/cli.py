@@ -30,6 +30,8 @@ from kubearch_trainer.config import ConfigError, TrainConfig, load_config
 from kubearch_trainer.exit_codes import ExitCode
 
 S = argparse.SUPPRESS
+#: Nested sections are dotted: their flags land in ``data["training"]["regulation"]``.
+_REG = "training.regulation"
 
 #: (flag, section, field, type, help). ``bool`` flags take ``--x`` / ``--no-x``.
 _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
@@ -106,10 +108,64 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("--resume", "training", "resume", bool, "continue from output-dir's checkpoint when there is one"),
     ("--metrics-port", "training", "metrics_port", int, "serve Prometheus metrics on this port"),
     ("--metrics-all-ranks", "training", "metrics_all_ranks", bool, "every rank serves (port + local rank)"),
+    ("--dropout", "model", "dropout", float, "dropout probability (0 disables)"),
+    # image families (VAE, diffusion, CNN)
+    ("--image-size", "model", "image_size", int, "square image side"),
+    ("--image-channels", "model", "image_channels", int, "1 (grey) .. 4"),
+    ("--num-classes", "model", "num_classes", int, "classes of the image classifiers"),
+    ("--latent-dim", "model", "latent_dim", int, "VAE latent size (VQ-VAE: code vector size)"),
+    ("--beta", "model", "beta", float, "beta_vae KL weight"),
+    ("--codebook-size", "model", "codebook_size", int, "vq_vae codebook entries"),
+    ("--commitment-cost", "model", "commitment_cost", float, "vq_vae commitment loss weight"),
+    ("--dead-code-steps", "model", "dead_code_steps", int, "vq_vae: restart a code unused this many steps"),
+    ("--diffusion-timesteps", "model", "diffusion_timesteps", int, "diffusion steps T"),
+    ("--noise-schedule", "model", "noise_schedule", str, "diffusion beta schedule: linear | cosine"),
+    ("--ddim-steps", "model", "ddim_steps", int, "DDIM sampling steps"),
+    # 2π regulation (training.regulation)
+    ("--regulation", _REG, "enabled", bool, "enable the 2π variance regulariser"),
+    ("--variance-threshold", _REG, "variance_threshold", float, "τ (default: the family's seed row)"),
+    ("--lambda-variance", _REG, "lambda_variance", float, "λ_var (default: the family's seed row)"),
+    ("--lambda-rate", _REG, "lambda_rate", float, "λ_rate (default: the family's seed row)"),
+    ("--adaptive-schedule", _REG, "adaptive_schedule", bool, "scale λ_var by clamp(EMA/τ, 1, 10)"),
+    ("--regulate-attention", _REG, "regulate_attention", bool, "sequence models: hook the token mixers"),
+    ("--regulate-ffn", _REG, "regulate_ffn", bool, "sequence models: hook the feed-forward blocks"),
+    ("--layer-specific", _REG, "layer_specific", bool, "one term (and EMA) per hooked module"),
+    (
+        "--regulation-warmup-steps",
+        _REG,
+        "warmup_steps",
+        int,
+        "linear ramp of the regulariser (default: seed row)",
+    ),
+    ("--regulate-noise", _REG, "regulate_noise", bool, "diffusion: regulate the predicted noise"),
+    ("--timestep-dependent", _REG, "timestep_dependent", bool, "diffusion: threshold grows with t"),
+    (
+        "--variance-schedule",
+        _REG,
+        "variance_schedule",
+        str,
+        "diffusion threshold g(t): linear | cosine | constant",
+    ),
+    ("--max-variance", _REG, "max_variance", float, "diffusion: largest threshold increase over τ"),
 )
 
 
 _SEED_FLAGS = frozenset(f[0] for f in _FLAGS[:19])
+_IMAGE_FIELDS = frozenset(
+    (
+        "image_size",
+        "image_channels",
+        "num_classes",
+        "latent_dim",
+        "beta",
+        "codebook_size",
+        "commitment_cost",
+        "dead_code_steps",
+        "diffusion_timesteps",
+        "noise_schedule",
+        "ddim_steps",
+    )
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +190,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     seed = parser.add_argument_group("the seed's flags (Architecture Comparison Guide)")
     own = parser.add_argument_group("kubearch flags")
+    image = parser.add_argument_group("image families (VAE, diffusion, CNN)")
+    reg = parser.add_argument_group(
+        "2π regulation (training.regulation; defaults: the seed's table per family)"
+    )
     for flag, section, field, typ, help_ in _FLAGS:
-        group = seed if flag in _SEED_FLAGS else own
+        if flag in _SEED_FLAGS:
+            group = seed
+        elif section == _REG:
+            group = reg
+        elif field in _IMAGE_FIELDS:
+            group = image
+        else:
+            group = own
         dest = f"{section}__{field}"
         if typ is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=S, help=help_)
@@ -194,9 +261,13 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
         if "__" not in dest:
             continue
         section, field = dest.split("__", 1)
-        sec = data.setdefault(section, {})
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{section}: must be a mapping")
+        sec: Any = data
+        path: list[str] = []
+        for part in section.split("."):  # "training.regulation" -> data["training"]["regulation"]
+            path.append(part)
+            sec = sec.setdefault(part, {}) if isinstance(sec, dict) else None
+            if not isinstance(sec, dict):
+                raise ConfigError(f"{'.'.join(path)}: must be a mapping")
         sec[field] = value
     # A sequence longer than the position tables would be refused; grow them unless set explicitly.
     model, dsec = data.get("model", {}), data.get("data", {})

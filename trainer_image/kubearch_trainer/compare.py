@@ -227,6 +227,8 @@ def row_from_results(arch: str, res: dict[str, Any], wall: float | None = None) 
         "tokens": res.get("tokens"),
         "loss_history": res.get("loss_history") or [],
         "device": res.get("device"),
+        # Final evaluation plus the model's end-of-run extras (MIG, codebook usage...).
+        "val_metrics": res.get("val_metrics") or {},
     }
 
 
@@ -291,20 +293,62 @@ def notes_for(row: dict[str, Any], base: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+#: Extra columns of image-task tables: (header, val_metrics keys in order of preference, format).
+#: A column appears only when some row of the table has a value for it.
+IMAGE_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Recon", ("recon_loss",), "{:.2f}"),
+    ("KL", ("kl",), "{:.2f}"),
+    ("Codebook ppl", ("val_codebook_perplexity", "codebook_perplexity"), "{:.1f}"),
+    ("MIG", ("mig",), "{:.3f}"),
+    ("Accuracy", ("val_accuracy", "accuracy"), "{:.3f}"),
+)
+
+
+def metric_of(row: dict[str, Any], keys: tuple[str, ...]) -> float | None:
+    """The first finite value of ``keys`` in the row's val_metrics (None when absent)."""
+    vm = row.get("val_metrics") or {}
+    for k in keys:
+        v = _num(vm.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def image_columns(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[str, ...], str]]:
+    """The image columns this table needs: none for text tasks, so the seed's table stays as is."""
+    if not any(str(r.get("task", "")).startswith("image") for r in rows):
+        return []
+    return [c for c in IMAGE_COLUMNS if any(metric_of(r, c[1]) is not None for r in rows)]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The seed's columns; image tasks add Recon / KL / Codebook ppl / MIG / Accuracy before Notes."""
+    extra = image_columns(rows)
+    head = ["Architecture", "Time", "Memory", "Final Loss", "Tokens/sec", "NaN count"]
+    head += [c[0] for c in extra] + ["Notes"]
     lines = [
-        "| Architecture | Time | Memory | Final Loss | Tokens/sec | NaN count | Notes |",
-        "|-------------|------|--------|------------|------------|-----------|-------|",
+        "| " + " | ".join(head) + " |",
+        "|-------------|------|--------|------------|------------|-----------|"
+        + "".join("-" * (len(c[0]) + 2) + "|" for c in extra)
+        + "-------|",
     ]
     base = next((r for r in rows if r["status"] == "completed"), None)
     for r in rows:
         loss = _num(r["final_val_loss"])
         tps = _num(r["tokens_per_second"])
-        lines.append(
-            f"| {r['architecture']} | {fmt_time(r['time_s'])} | {fmt_bytes(memory_of(r))} | "
-            f"{f'{loss:.4f}' if loss is not None else '-'} | {f'{tps:,.0f}' if tps else '-'} | "
-            f"{r['nan_count'] if r['nan_count'] is not None else '-'} | {notes_for(r, base)} |"
-        )
+        cells = [
+            r["architecture"],
+            fmt_time(r["time_s"]),
+            fmt_bytes(memory_of(r)),
+            f"{loss:.4f}" if loss is not None else "-",
+            f"{tps:,.0f}" if tps else "-",
+            str(r["nan_count"]) if r["nan_count"] is not None else "-",
+        ]
+        for _, keys, fmt in extra:
+            v = metric_of(r, keys)
+            cells.append(fmt.format(v) if v is not None else "-")
+        cells.append(notes_for(r, base))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -322,6 +366,11 @@ def _winners(rows: list[dict[str, Any]]) -> str:
         cands = [r for r in ok if _num(value(r)) is not None]
         if cands:
             parts.append(f"{pick(cands, key=value)['architecture']} for {label}")
+    for label, keys in (("disentanglement (highest MIG)", ("mig",)), ("accuracy", ("val_accuracy",))):
+        cands = [r for r in ok if metric_of(r, keys) is not None]
+        if len(cands) > 1 and str(cands[0].get("task", "")).startswith("image"):
+            best = max(cands, key=lambda r, k=keys: metric_of(r, k) or 0.0)
+            parts.append(f"{best['architecture']} for {label}")
     return "; ".join(parts)
 
 
@@ -372,7 +421,10 @@ def build_report(
             "",
             "Time: training time (evaluation excluded); Memory: peak CUDA allocation on GPU; on CPU the "
             "process's peak RSS above its RSS before the model was built; Final Loss: validation loss "
-            "(main loss, auxiliary losses excluded).",
+            "(main loss, auxiliary losses excluded). Image tasks: Tokens/sec counts images; Recon: "
+            "reconstruction NLL (nats per image); KL: KL to the prior; Codebook ppl: perplexity of the "
+            "VQ codes over the validation set; MIG: mutual information gap (0-1, needs a data set with "
+            "known factors, e.g. shapes); Accuracy: validation accuracy.",
             "",
             *sections,
         ]

@@ -85,7 +85,9 @@ class ModelConfig(_Section):
 
     architecture: str = Field("dense", description="Model family; one of the built-in architectures.")
     size: Literal["tiny", "small", "medium", "large"] = Field(
-        "tiny", description="Size preset (search report): tiny 256d/4L, small 384d/6L, medium 512d/8L, large 768d/10L."
+        "tiny",
+        description="Size preset (search report): tiny 256d/4L, small 384d/6L, "
+        "medium 512d/8L, large 768d/10L.",
     )
     d_model: int | None = Field(None, ge=8, description="Overrides the preset's model width.")
     n_layers: int | None = Field(None, ge=1, description="Overrides the preset's depth.")
@@ -178,7 +180,9 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Where batches come from. With no ``path`` a small built-in data set is generated offline."""
 
-    path: str | None = Field(None, description="Text file, folder of .txt files, JSONL, image folder or .npz.")
+    path: str | None = Field(
+        None, description="Text file, folder of .txt files, JSONL, image folder or .npz."
+    )
     format: Literal["auto", "text", "jsonl", "folder", "images", "npz"] = "auto"
     dataset: str | None = Field(
         None, description="Built-in generated data set when no path is given (per task; see README)."

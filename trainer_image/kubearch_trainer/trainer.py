@@ -353,15 +353,20 @@ def train(
     info: dict[str, Any] = {}
     status, code, error = "completed", int(ExitCode.OK), None
     metrics = None
+    progress: _ProgressLine | None = None
 
     def say(msg: str) -> None:
         if dist_info.is_main:
+            if progress is not None:
+                progress.clear()  # the log line replaces the status line, which comes back next step
             (log or _print)(msg)
 
     stack = contextlib.ExitStack()
     try:
         dist_info = init_distributed(cfg.training.device)
         device = dist_info.device
+        if log is None and dist_info.is_main and _is_tty(sys.stdout):
+            progress = _ProgressLine(sys.stdout)
         run_name = run_name or os.environ.get("KUBEARCH_RUN_NAME") or out_dir.name
         torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
         info["baseline_rss_bytes"] = current_rss()  # runtime + libraries, before model and data
@@ -373,14 +378,19 @@ def train(
         task = model.task
         data = build_datasets(cfg, task)
         n_total, n_active = model.num_params(), model.active_params()
-        info.update(task=task, parameters={"total": n_total, "active": n_active}, data=data.describe())
+        # Image families report their own geometry (channels, stages...); the transformer dims
+        # of the size preset would describe a model that was never built.
+        dims = dict(getattr(model, "arch_dims", None) or cfg.model.dims)
+        info.update(
+            task=task, parameters={"total": n_total, "active": n_active}, data=data.describe(), dims=dims
+        )
         t = cfg.training
         total_steps = t.total_steps
         global_batch = t.batch_size * t.gradient_accumulation_steps * dist_info.world_size
         tokens_per_step = global_batch * data.tokens_per_sample
         unit = "tok" if task == "lm" else "samples"  # image tasks count images (tokens_per_sample 1)
         say(
-            f"kubearch: {cfg.model.architecture} ({cfg.model.size}, {task}) dims {cfg.model.dims} | "
+            f"kubearch: {cfg.model.architecture} ({cfg.model.size}, {task}) dims {dims} | "
             f"parameters {n_total:,} total, {n_active:,} active | device {device} x{dist_info.world_size}"
         )
         say(
@@ -394,6 +404,7 @@ def train(
         reg = _maybe_regulator(cfg, model, say)
 
         ckpt_path = out_dir / CHECKPOINT_NAME
+        _check_checkpoint_agreement(t.resume and ckpt_path.exists(), dist_info, out_dir, device)
         if t.resume and ckpt_path.exists():
             state = load_checkpoint(ckpt_path, model, opt, cfg, reg)
             say(f"kubearch: resumed from {ckpt_path} at step {state.step}")
@@ -438,6 +449,7 @@ def train(
         loop_t0 = time.perf_counter()
         excluded_s = 0.0  # evaluation and checkpoint time: not training throughput
         train_time_before = state.train_time_s
+        train_steps_before = state.step
         fwd_model.train()
 
         sigterm = stack.enter_context(_SigtermFlag())
@@ -532,14 +544,15 @@ def train(
                 tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 eta = (total_steps - state.step) * elapsed / max(1, window_steps)
                 state.history.append({"step": state.step, "train_loss": train_loss})
+                # The model's scalars of the last micro-batch (aux losses, KL, the regulator's
+                # reg_* terms): results.json's train_metrics and the kubearch_model_metric gauge.
+                info["train_metrics"] = _scalars(last_metrics)
                 if metrics:
                     mem, _ = peak_memory(device)
                     metrics.update_step(
                         state.step, total_steps, train_loss, lr, float(last_grad_norm), tok_s, mem
                     )
-                    metrics.update_model_metrics(
-                        {k: float(v) for k, v in last_metrics.items() if v.dim() == 0}
-                    )
+                    metrics.update_model_metrics(info["train_metrics"])
                     if expert_window is not None:
                         metrics.add_expert_tokens(expert_window.tolist())
                         expert_window = None
@@ -575,6 +588,15 @@ def train(
                 barrier()
                 excluded_s += time.perf_counter() - ckpt_t0
                 window_t0 += time.perf_counter() - ckpt_t0
+            if progress is not None:
+                done = state.step - train_steps_before
+                per_step = (time.perf_counter() - loop_t0 - excluded_s) / max(1, done)
+                loss_txt = f"{state.last_train_loss:.4f}" if state.last_train_loss is not None else "-"
+                progress.show(
+                    f"step {state.step}/{total_steps} [{_bar(state.step / total_steps)}] | loss {loss_txt} | "
+                    f"{per_step:.3f} s/step | ETA {_fmt_duration((total_steps - state.step) * per_step)}",
+                    force=last or stopping,
+                )
             if stopping:
                 status = "preempted" if preempt else "stopped"
                 if preempt:
@@ -586,6 +608,8 @@ def train(
             state.last_val = evaluate(eval_model, data, cfg, dist_info, amp_ctx())
             _record_val(state, state.last_val)
         info["session_train_time_s"] = time.perf_counter() - loop_t0
+        if state.step >= total_steps:
+            _evaluate_extra(fwd_model, data, dist_info, info, metrics, say)
     except ConfigError as err:
         status, code, error = "config_error", ExitCode.CONFIG_ERROR, str(err)
     except DataError as err:
@@ -604,6 +628,8 @@ def train(
             traceback.print_exc()
     finally:
         stack.close()
+        if progress is not None:
+            progress.clear()
         if metrics is not None:
             metrics.close()
 
@@ -622,6 +648,93 @@ def train(
     return results
 
 
+def _scalars(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """0-d tensors as floats with one device-to-host copy (not one sync per metric)."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
+    if not keys:
+        return {}
+    packed = torch.stack([values[k].detach().float() for k in keys]).tolist()
+    return dict(zip(keys, packed, strict=True))
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _evaluate_extra(
+    fwd_model: torch.nn.Module,
+    data: Dataset,
+    dist_info: DistInfo,
+    info: dict[str, Any],
+    metrics: Any,
+    say: Callable[[str], None],
+) -> dict[str, float]:
+    """The model's end-of-run extras (MIG, active latents, sample-quality proxies) on rank 0.
+
+    Rank 0 only: the extras run no collectives and their numbers go to rank 0's results.json.
+    A failure is recorded, not raised: the training itself finished and its results stand (and
+    the other ranks, waiting at the barrier, must not hang on a rank that left the loop).
+    """
+    base = _unwrap(fwd_model)
+    fn = getattr(base, "evaluate_extra", None)
+    extra: dict[str, float] = {}
+    if callable(fn) and dist_info.is_main:
+        was_training = base.training
+        base.eval()  # dropout off, VQ codebook frozen: extras must not change the trained model
+        try:
+            with torch.no_grad():
+                raw = fn(data)
+            extra = {
+                str(k): float(v)
+                for k, v in (raw or {}).items()
+                if isinstance(v, int | float) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+            }
+            info["extra_metrics"] = extra
+            if metrics is not None:
+                metrics.update_model_metrics(extra)  # kubearch_model_metric{name="mig"}, ...
+            if extra:
+                say("kubearch: extra metrics | " + " | ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+        except Exception as err:  # an add-on metric must not turn a finished run into a failure
+            info["extra_metrics_error"] = f"{type(err).__name__}: {err}"
+            say(f"kubearch: warning: evaluate_extra failed ({info['extra_metrics_error']})")
+        finally:
+            base.train(was_training)
+    if callable(fn):
+        barrier()
+    return extra
+
+
+def _check_checkpoint_agreement(
+    found: bool, dist_info: DistInfo, out_dir: Path, device: torch.device
+) -> None:
+    """Every rank must see the same checkpoint, or none: otherwise ranks silently diverge.
+
+    Only rank 0 writes checkpoints, so a resume on several nodes needs ``training.output_dir`` on
+    storage they all mount. With a node-local folder, rank 0 would resume at step N while the other
+    nodes restart from step 0 with fresh weights. All ranks compute the same sum, so all raise.
+    """
+    if not dist_info.is_distributed:
+        return
+    flag = torch.tensor([float(found)], device=device)
+    all_reduce_sum(flag)
+    seen = int(flag.item())
+    if 0 < seen < dist_info.world_size:
+        raise ConfigError(
+            f"training.output_dir: the checkpoint in {out_dir} is visible to {seen} of "
+            f"{dist_info.world_size} ranks (this rank {dist_info.rank}: "
+            f"{'found' if found else 'not found'}); with --resume the output directory must be on "
+            "storage shared by all nodes, e.g. a ReadWriteMany PersistentVolumeClaim "
+            "(spec.resources.checkpointClaim)"
+        )
+
+
 def _record_val(state: RunState, val: dict[str, float]) -> None:
     """Attach the evaluation to the history row of this step (adding one if there was no log line)."""
     row = state.history[-1] if state.history and state.history[-1]["step"] == state.step else None
@@ -637,6 +750,53 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _bar(frac: float, width: int = 20) -> str:
+    filled = round(max(0.0, min(1.0, frac)) * width)
+    return "#" * filled + "." * (width - filled)
+
+
+class _ProgressLine:
+    """One self-overwriting status line on a terminal (``\\r`` + erase-line), between the log lines.
+
+    Only on an interactive stdout: in a pod (kubectl logs) or a file, carriage returns would turn
+    into thousands of lines, so there the regular ``log_every`` lines are all there is. Redraws
+    are throttled to 10 per second; the loss shown is the last logged one (no extra host sync).
+    """
+
+    _ERASE = "\r\033[K"
+
+    def __init__(self, stream: Any, min_interval_s: float = 0.1) -> None:
+        self.stream = stream
+        self.min_interval_s = min_interval_s
+        self.active = False
+        self._last = float("-inf")
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        import shutil
+
+        width = shutil.get_terminal_size((100, 24)).columns
+        self.stream.write(self._ERASE + text[: max(10, width - 1)])
+        self.stream.flush()
+        self.active = True
+
+    def clear(self) -> None:
+        if self.active:
+            self.stream.write(self._ERASE)
+            self.stream.flush()
+            self.active = False
+
+
 def _results(
     cfg: TrainConfig,
     dist_info: DistInfo,
@@ -649,7 +809,8 @@ def _results(
     started_at: str,
 ) -> dict[str, Any]:
     mem, mem_kind = peak_memory(dist_info.device)
-    val = state.last_val or {}
+    extra = info.get("extra_metrics") or {}
+    val = {**(state.last_val or {}), **extra}
     train_time = state.train_time_s
     return {
         "status": status,
@@ -659,7 +820,7 @@ def _results(
         "size": cfg.model.size,
         "attention": cfg.model.attention,
         "task": info.get("task"),
-        "dims": cfg.model.dims,
+        "dims": info.get("dims", cfg.model.dims),
         "parameters": info.get("parameters", {"total": None, "active": None}),
         "steps": state.step,
         "total_steps": cfg.training.total_steps,
@@ -678,6 +839,11 @@ def _results(
         "val_accuracy": val.get("val_accuracy"),
         "perplexity": val.get("perplexity"),
         "val_metrics": val,
+        # evaluate_extra's end-of-run numbers (also merged into val_metrics above).
+        "extra_metrics": extra,
+        "extra_metrics_error": info.get("extra_metrics_error"),
+        # Last logged training step's model scalars, including the 2π regulator's reg_* terms.
+        "train_metrics": info.get("train_metrics", {}),
         "nan_count": state.nan_count,
         "loss_history": state.history,
         "resumed_from_step": info.get("resumed_from_step"),

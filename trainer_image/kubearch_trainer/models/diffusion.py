@@ -22,7 +22,13 @@ from torch.utils.checkpoint import checkpoint
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
-from kubearch_trainer.models.image_blocks import family_dims, groups_for, max_downsamples, sample_quality
+from kubearch_trainer.models.image_blocks import (
+    family_dims,
+    groups_for,
+    max_downsamples,
+    sample_quality,
+    seeded_randn,
+)
 from kubearch_trainer.models.registry import register
 
 EVAL_SEED = 1234
@@ -170,9 +176,7 @@ class GaussianDiffusion(nn.Module):
         clip: float | None = 1.0,
     ) -> torch.Tensor:
         """Deterministic DDIM (η = 0): x_{t'} = √ā_{t'}·x̂_0 + √(1−ā_{t'})·ε̂; returns x̂_0 at t = 0."""
-        x = torch.randn(shape, generator=generator, device=generator.device if generator else device).to(
-            device
-        )
+        x = seeded_randn(shape, generator, device)
         ts = self.ddim_timesteps(steps)
         for i, t in enumerate(ts):
             tt = torch.full((shape[0],), t, device=device, dtype=torch.long)

@@ -37,6 +37,18 @@ def family_dims(cfg: ModelConfig, family: str) -> tuple[int, int]:
     return width, depth
 
 
+def seeded_randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Standard normal noise on ``device``, drawn on the generator's own device.
+
+    torch refuses ``randn(generator=cpu_gen, device="cuda")``; sampling functions take a CPU
+    generator for determinism across machines, so draw where the generator lives, then move.
+    """
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
 def groups_for(channels: int, preferred: int = 8) -> int:
     """Largest group count <= ``preferred`` that divides ``channels`` (GroupNorm needs a divisor)."""
     for g in range(min(preferred, channels), 0, -1):

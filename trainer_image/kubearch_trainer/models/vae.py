@@ -32,6 +32,7 @@ from kubearch_trainer.models.image_blocks import (
     family_dims,
     max_downsamples,
     sample_quality,
+    seeded_randn,
 )
 from kubearch_trainer.models.registry import register
 
@@ -159,7 +160,7 @@ class _GaussianVAE(_ImageVAEBase):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [0, 1] decoded from prior samples."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device)
+        z = seeded_randn((n, self.cfg.latent_dim), generator, device)
         return torch.sigmoid(self.decode(z))
 
 
@@ -410,9 +411,9 @@ class HierarchicalVAE(_ImageVAEBase):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral sample through the learned top-down priors; images in [0, 1]."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device)
+        z = seeded_randn((n, self.cfg.latent_dim), generator, device)
         for i in range(self.levels - 2, -1, -1):
             p_mu, p_logvar = self._split(self.prior[i](F.silu(self.context[i](z))))
-            eps = torch.randn(p_mu.shape, generator=generator, device=device)
+            eps = seeded_randn(tuple(p_mu.shape), generator, device)
             z = p_mu + eps * (0.5 * p_logvar).exp()
         return torch.sigmoid(self.decode(z))
