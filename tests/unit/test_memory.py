@@ -97,10 +97,11 @@ def test_checkpointing_and_amp_reduce_activations() -> None:
         fp32 = activation_bytes_per_token(cfg, 256, amp=False)
         assert ckpt < full / 3, arch  # 8 layers: keep 8 inputs + one block instead of 8 blocks
         assert full < fp32, arch
-    # the PyTorch scan keeps (B, L, D, N) tensors; the fused one only chunk states
+    # both scans save only their inputs and one state per chunk (the fused one also contiguous B, C):
+    # no (B, L, D, N) tensors, so the PyTorch fallback costs about what the fused kernel does
     mamba = ModelConfig(architecture="mamba", **SMALL)
-    assert activation_bytes_per_token(mamba, 256, amp=True, scan="torch") > 3 * activation_bytes_per_token(
-        mamba, 256, amp=True, scan="fused"
+    assert activation_bytes_per_token(mamba, 256, amp=True, scan="torch") == pytest.approx(
+        activation_bytes_per_token(mamba, 256, amp=True, scan="fused"), rel=0.1
     )
 
 

@@ -141,6 +141,14 @@ def test_autocast_does_not_lower_the_scan_precision() -> None:
     torch.testing.assert_close(y_amp, selective_scan_chunked(*args), rtol=1e-6, atol=1e-6)
 
 
+def test_memory_estimator_uses_the_default_chunk() -> None:
+    """memory.py (torch-free) mirrors the chunk that sets how many states the scan saves."""
+    from kubearch_trainer.kernels.scan import DEFAULT_CHUNK
+    from kubearch_trainer.memory import TORCH_SCAN_CHUNK
+
+    assert TORCH_SCAN_CHUNK == DEFAULT_CHUNK
+
+
 def test_bad_chunk_size_is_rejected() -> None:
     args = [a.detach().float() for a in _inputs(1, 4, 2, 2)]
     with pytest.raises(ValueError, match="chunk_size"):

@@ -54,19 +54,17 @@ FLEX_MIN_SEQ_LEN, FLEX_BLOCK_SIZE, FLEX_MIN_HEAD_DIM = 2048, 128, 16
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 8, "sgd": 4, "none": 0}
 #: Time steps per stored state in the fused (Triton) scan's forward (kernels/scan_triton.py).
 FUSED_SCAN_CHUNK = 64
-#: Chunk of the PyTorch chunked scan (kernels/scan.selective_scan_chunked's default).
-TORCH_SCAN_CHUNK = 64
+#: Chunk of the PyTorch chunked scan (kernels/scan.DEFAULT_CHUNK, selective_scan_chunked's default).
+TORCH_SCAN_CHUNK = 32
 
 
 def torch_scan_floats_per_state(seq_len: int) -> float:
     """fp32 values the PyTorch chunked scan saves per (token, channel, state).
 
-    Decay, input and composed state (3) plus 1.5 per doubling step (log2 of the chunk): its
-    ``a·b_prev`` and ``a·a_prev`` products save the shifted copies. Fitted on CPU with
-    :func:`measure_saved_bytes`-style counting (9.2 at chunk 16, 12.1 at chunk 64).
+    Its autograd Function saves its inputs (already counted: u, Δ, the x_proj output holding B
+    and C) plus the state entering each chunk, (B, ⌈L/chunk⌉, D, N) fp32: ⌈L/chunk⌉/L per token.
     """
-    chunk = max(1, min(TORCH_SCAN_CHUNK, seq_len))
-    return 3 + 1.5 * math.log2(chunk)
+    return math.ceil(seq_len / TORCH_SCAN_CHUNK) / seq_len
 
 
 @dataclass(frozen=True)
@@ -145,16 +143,17 @@ def _moe_mlp_bytes(cfg: ModelConfig, d: int, s: int, amp: bool) -> float:
 def _mamba_block_bytes(cfg: ModelConfig, d: int, s: int, amp: bool, scan: ScanImpl, seq_len: int) -> float:
     """Mamba block (models/mamba.MambaBlock), bytes per token.
 
-    norm input 4d; in_proj input s·d; in_proj output (x, z) 2·s·di; conv output s·di; SiLU output
-    s·di (scan's u); x_proj output s·(r + 2N) and the dt slice copy s·r; dt_proj output upcast to
-    fp32 for softplus 4·di (under fp32 the same tensor) and Δ 4·di; scan output s·di; SiLU(z) s·di;
-    gated product s·di. Plus the scan's own state: fused keeps one (di·N) fp32 state per
-    ``FUSED_SCAN_CHUNK`` steps; the PyTorch chunked scan keeps several (B, L, di, N) tensors.
+    norm input 4d; in_proj input s·d; in_proj output (x, z) 2·s·di; contiguous conv output s·di;
+    SiLU output s·di (the scan's u and x_proj's input); x_proj output s·(r + 2N) (dt, B and C are
+    views of it); dt_proj output upcast to fp32 for softplus 4·di (under fp32 the same tensor) and
+    Δ 4·di; scan output s·di; SiLU(z) s·di; gated product s·di. Plus the scan's own state: both
+    scans save their inputs (counted above) and one (di·N) fp32 state per chunk of
+    ``FUSED_SCAN_CHUNK`` / ``TORCH_SCAN_CHUNK`` steps; the fused one also contiguous B and C.
     """
     di, n, r = cfg.expand * d, cfg.state_size, dt_rank(d)
     dt_up = 4 * di if amp else 0  # under fp32 .float() is a no-op: softplus saves dt_proj's output
     dt_out = 0 if amp else 4 * di
-    block = 4 * d + s * d + 2 * s * di + s * di + s * di + s * (r + 2 * n) + s * r
+    block = 4 * d + s * d + 2 * s * di + s * di + s * di + s * (r + 2 * n)
     block += dt_up + dt_out + 4 * di + s * di + s * di + s * di
     if scan == "fused":
         block += 4 * di * n / FUSED_SCAN_CHUNK + 2 * s * n  # state checkpoints, contiguous B and C

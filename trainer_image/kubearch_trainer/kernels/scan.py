@@ -11,8 +11,8 @@ u's dtype.
 
 Why a hand-written backward (:class:`_SelectiveScan`) for the PyTorch path (CPU, or CUDA without
 mamba-ssm/Triton): letting autograd record the scan keeps several (B, L, D, N) fp32 tensors per
-layer (the old doubling scan kept ~3 + 1.5·log2(chunk) of them) — N = 16 times the size of the
-layer's other activations. The Function saves only its inputs (views, no copies) and the state
+layer (the old doubling scan kept ~3 + 1.5·log2(chunk) of them), each N (16) times the size of a
+(B, L, D) activation. The Function saves only its inputs (views, no copies) and the state
 entering every chunk, (B, ⌈L/chunk⌉, D, N); the backward recomputes one chunk's states at a time
 from that boundary state and runs the adjoint recurrence
 
@@ -28,7 +28,21 @@ decays, inputs, the C contraction, all gradient reductions — is batched over t
 
 Measured on CPU (2 threads), tiny mamba (d_model 256, 4 layers, d_inner 512, N 16), batch 8,
 forward + backward, before (autograd through the doubling scan) → after (this Function):
-__MEASUREMENTS__
+
+    =========================  ==================  ==================
+    seq                        64                  256
+    =========================  ==================  ==================
+    bytes saved for backward   822 MB → 44 MB      3287 MB → 176 MB
+    peak RSS of the process    2.89 GB → 0.93 GB   7.57 GB → 1.25 GB
+    forward + backward time    0.92 s → 0.16 s     11.3 s → 0.56 s
+    scan alone (one layer)     0.18 s → 0.025 s    1.96 s → 0.10 s
+    =========================  ==================  ==================
+
+(a dense transformer of the same width: 39 MB saved, 0.81 GB RSS — mostly the interpreter and torch
+— 0.05 s; the 4-layer hybrid at seq 64: 431 → 42 MB saved, 0.38 → 0.10 s). Timings are the best
+of 4 on a shared 2-core machine; chunk 32 was ~25 % faster than 64 and ~10 % slower than 16
+(working set in cache vs one more saved state per chunk). Reproduce with ``measure_saved_bytes``
+and ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in a fresh process per configuration.
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ import torch
 
 #: Time steps per chunk: bounds the backward's recompute buffers at (chunk, B, D, N) and sets how
 #: many boundary states are saved (one per chunk). memory.py's TORCH_SCAN_CHUNK mirrors it.
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 32
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:

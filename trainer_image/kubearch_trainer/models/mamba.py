@@ -71,7 +71,9 @@ class MambaMixer(nn.Module):
         length = h.size(1)
         x, z = self.in_proj(h).chunk(2, dim=-1)
         x = self.conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2)  # causal: drop the look-ahead
-        x = F.silu(x)
+        # Contiguous before SiLU: x_proj would otherwise save its own contiguous copy of SiLU's
+        # output next to the strided one the scan saves (one (B, L, d_inner) tensor more per layer).
+        x = F.silu(x.contiguous())
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
         delta = F.softplus(self.dt_proj(dt).float())
         A = -torch.exp(self.A_log.float())
