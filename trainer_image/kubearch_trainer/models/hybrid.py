@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.models.layers import CausalLM, TransformerBlock, init_gpt_weights, make_norm
@@ -59,9 +58,4 @@ class Hybrid(CausalLM):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(self.norm_f(self.run_blocks(x)))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kubearch_trainer.config import ATTENTION_VARIANTS, LORA_RANKS, ModelConfig
 from kubearch_trainer.models.base import KubearchModel, ModelOutput
@@ -516,6 +517,15 @@ class CausalLM(KubearchModel):
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Weighted auxiliary losses of the last forward (e.g. MoE load balancing)."""
         return {}
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.blocks`` in order; each recomputed in backward when gradient checkpointing is on."""
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         """``{"input_ids", "targets"?}`` -> loss = CE (+ aux), metrics ``ce_loss``, ``accuracy``.

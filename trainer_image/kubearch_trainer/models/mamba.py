@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kubearch_trainer.config import ModelConfig
 from kubearch_trainer.kernels.scan import selective_scan
@@ -123,9 +122,4 @@ class Mamba(CausalLM):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return self.lm_head(self.norm_f(x))
+        return self.lm_head(self.norm_f(self.run_blocks(x)))
