@@ -196,7 +196,7 @@ def parse_report(text: str | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-#: Keys of the trainer's summary (``trainer._write_termination_log``) and progress annotation
+#: Keys of the trainer's summary (``kubearch_trainer.results.write_termination_log``) and progress annotation
 #: that feed ``status.progress``; every other finite number lands in ``status.metrics``.
 _STEP_KEYS = ("step", "steps", "global_step")
 _LOSS_KEYS = ("loss", "final_train_loss", "train_loss", "final_loss")

@@ -100,3 +100,19 @@ def test_markdown_formatting(bench_modules) -> None:
         [("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")],
     )
     assert table.splitlines()[2] == "| 1,234,567 | 0.512 | – | 2.5e-09 |"
+
+
+@pytest.mark.slow
+def test_ddp_cpu_scaling_quick_runs_the_trainer_under_torchrun(tmp_path: Path, bench_modules) -> None:
+    common = bench_modules["_common"]
+    scaling = importlib.import_module("ddp_cpu_scaling")
+    assert scaling.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    rows, md, _ = _outputs(tmp_path, "ddp_cpu_scaling")
+    assert [r["nproc"] for r in rows] == [1, 2]
+    assert [r["world_size"] for r in rows] == [1, 2]  # read back from the trainer's results.json
+    assert [r["batch_size"] for r in rows] == [2, 4]  # weak scaling: per-process batch kept
+    for row in rows:
+        assert not [f for f in common.REQUIRED_FIELDS if f not in row]
+        assert row["samples_per_s"] == pytest.approx(row["tokens_per_s"] / row["seq_len"])
+    assert rows[0]["speedup"] == 1.0
+    assert "| Model | Size | Processes |" in md

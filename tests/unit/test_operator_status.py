@@ -159,7 +159,7 @@ def test_a_pod_lost_while_running_restarts_the_group() -> None:
 def test_master_success_succeeds_and_reports_progress() -> None:
     spec = make_spec(cleanPodPolicy="Running")
     pods = make_pods(spec, phases=("Running", "Running"))
-    # the trainer's termination summary (kubearch_trainer.trainer._write_termination_log)
+    # the trainer's termination summary (kubearch_trainer.results.write_termination_log)
     summary = {"status": "completed", "exit_code": 0, "steps": 500, "final_train_loss": 2.5}
     summary |= {"final_val_loss": 2.7, "tokens_per_second": 1000.0, "val_accuracy": None, "device": "cuda:0"}
     terminate(pods[0], "Succeeded", 0, json.dumps(summary), reason="Completed")

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 import torch
 from kubearch_trainer import trainer as trainer_mod
+from kubearch_trainer.checkpoint import CHECKPOINT_NAME, RunState, save_checkpoint
 from kubearch_trainer.cli import run_train
 from kubearch_trainer.config import ModelConfig, load_config
 from kubearch_trainer.exit_codes import ExitCode
 from kubearch_trainer.models import KubearchModel, ModelOutput, register
-from kubearch_trainer.trainer import CHECKPOINT_NAME, RESULTS_NAME, save_checkpoint, train
+from kubearch_trainer.results import RESULTS_NAME
+from kubearch_trainer.trainer import train
 from torch import nn
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "max_seq_len": 64}
@@ -209,12 +211,10 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(f).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(trainer_mod.torch, "save", torn_save)
+    monkeypatch.setattr(torch, "save", torn_save)
     model = nn.Linear(2, 2)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(
-            path, model, torch.optim.AdamW(model.parameters()), trainer_mod.RunState(step=99), cfg, None
-        )
+        save_checkpoint(path, model, torch.optim.AdamW(model.parameters()), RunState(step=99), cfg, None)
     assert path.read_bytes() == before  # the old checkpoint is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, RESULTS_NAME]  # no temp file left
 
