@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import torch
+from kubearch_trainer.compare import trainer_command
 
 COLUMNS = (
     ("architecture", "Model"),
@@ -42,14 +43,7 @@ COLUMNS = (
 def run_trainer(nproc: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """One torchrun launch of the trainer; returns its results.json."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "kubearch_trainer",
+    trainer_args = [
         "--architecture",
         args.architecture,
         "--model-size",
@@ -71,6 +65,8 @@ def run_trainer(nproc: int, args: argparse.Namespace, out: Path) -> dict[str, An
         "--output-dir",
         str(out),
     ]
+    # The 1-process baseline runs under torchrun too, so both pay the same launcher and gloo set-up.
+    cmd = trainer_command(trainer_args, nproc, torchrun=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         raise SystemExit(

@@ -167,25 +167,22 @@ def trainer_argv(ns: argparse.Namespace, arch: str, out: Path) -> list[str]:
     return argv + extra
 
 
+def trainer_command(argv: list[str], nproc: int = 1, *, torchrun: bool | None = None) -> list[str]:
+    """The trainer as a subprocess: under ``torchrun --standalone`` for several processes (or when
+    ``torchrun`` is set, e.g. so a 1-process baseline pays the same launcher), else plain."""
+    if not (nproc > 1 if torchrun is None else torchrun):
+        return [sys.executable, "-m", "kubearch_trainer", *argv]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, "-m", "kubearch_trainer", *argv]
+
+
 def run_one(arch: str, argv: list[str], out: Path, nproc: int, timeout: float | None) -> dict[str, Any]:
     """Run one trainer subprocess and turn its results.json into a table row."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     if results_path.exists():
         results_path.unlink()  # never report a previous comparison's numbers
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "kubearch_trainer",
-            *argv,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "kubearch_trainer", *argv]
+    cmd = trainer_command(argv, nproc)
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
