@@ -302,7 +302,7 @@ def build_pod(
     labels = {ROLE_LABEL: role, INDEX_LABEL: str(index), ATTEMPT_LABEL: str(attempt)}
     annotations: dict[str, str] = {}
     policy = spec.run_policy.scheduling_policy
-    if policy is not None:
+    if gang_scheduled(spec):
         labels[SCHEDULER_PLUGINS_GROUP_LABEL] = run
         annotations[VOLCANO_GROUP_ANNOTATION] = run
     metadata = _metadata(pod_name(run, index), run, namespace, uid, labels)
@@ -379,16 +379,27 @@ def build_pods(
     return [build_pod(run, namespace, uid, spec, shape, i, attempt) for i in range(shape.nodes)]
 
 
+def gang_scheduled(spec: TrainingRunSpec) -> bool:
+    """A PodGroup is made only when the pods go to a named scheduler that reads it.
+
+    The default scheduler ignores PodGroups: a ``schedulingPolicy`` with only ``priorityClass``
+    sets the pods' ``priorityClassName`` and nothing else (the schema refuses ``queue`` and
+    ``minAvailable`` without ``schedulerName``).
+    """
+    policy = spec.run_policy.scheduling_policy
+    return policy is not None and bool(policy.scheduler_name)
+
+
 def build_pod_group(
     run: str, namespace: str, uid: str, spec: TrainingRunSpec, shape: ChosenShape
 ) -> dict | None:
     """The gang: a Volcano PodGroup when schedulerName is 'volcano', else scheduler-plugins' one.
 
-    None without a schedulingPolicy. ``minAvailable`` defaults to all pods of the group, so a
-    2-node run never holds one node's GPUs while waiting for the other.
+    None unless a scheduler is named (see :func:`gang_scheduled`). ``minAvailable`` defaults to
+    all pods of the group, so a 2-node run never holds one node's GPUs while waiting for the other.
     """
     policy = spec.run_policy.scheduling_policy
-    if policy is None:
+    if policy is None or not gang_scheduled(spec):
         return None
     min_member = policy.min_available or shape.nodes
     metadata = _metadata(run, run, namespace, uid)

@@ -182,10 +182,31 @@ def test_gang_scheduling() -> None:
     pg = b.build_pod_group("demo", NS, UID, spec, shape)
     assert pg["apiVersion"] == "scheduling.volcano.sh/v1beta1"
     assert pg["spec"] == {"minMember": 2, "queue": "q", "priorityClassName": "high"}
-    plugins = parse_spec({"runPolicy": {"schedulingPolicy": {"minAvailable": 1}}})
+    plugins = parse_spec(
+        {
+            "runPolicy": {
+                "schedulingPolicy": {"schedulerName": "scheduler-plugins-scheduler", "minAvailable": 1}
+            }
+        }
+    )
     pg2 = b.build_pod_group("demo", NS, UID, plugins, b.plan_run(plugins).shape)
     assert pg2["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and pg2["spec"] == {"minMember": 1}
     assert b.build_pod_group("demo", NS, UID, parse_spec({}), shape) is None
+
+
+def test_priority_class_alone_sets_the_pods_priority_and_makes_no_pod_group() -> None:
+    """Defect 5: {priorityClass: x} alone made a scheduler-plugins PodGroup (and pod-group labels)
+    while the pods kept the default scheduler, which ignores PodGroups. A PodGroup is made only for
+    a named (gang) scheduler; priorityClass alone is the pods' priorityClassName."""
+    spec = parse_spec(
+        {"resources": {"nodes": 2}, "runPolicy": {"schedulingPolicy": {"priorityClass": "high"}}}
+    )
+    shape = b.plan_run(spec).shape
+    assert b.build_pod_group("demo", NS, UID, spec, shape) is None
+    for pod in b.build_pods("demo", NS, UID, spec, shape):
+        assert pod["spec"]["priorityClassName"] == "high" and "schedulerName" not in pod["spec"]
+        assert "scheduling.x-k8s.io/pod-group" not in pod["metadata"]["labels"]
+        assert "scheduling.k8s.io/group-name" not in pod["metadata"].get("annotations", {})
 
 
 def test_spec_errors_name_the_field() -> None:
