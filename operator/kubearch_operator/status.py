@@ -20,7 +20,9 @@ Rules (Kubeflow's meanings, with the failure modes its users report fixed):
 * ``activeDeadlineSeconds`` counts from ``startTime`` (set when the group is first created, reset by
   suspend like a Job's); past it the run Fails with ``DeadlineExceeded``.
 * ``suspend`` deletes the pods and keeps status; resuming creates the group again from the
-  checkpoint. At a terminal phase ``cleanPodPolicy`` deletes All pods, the unfinished (Running)
+  checkpoint. Without ``checkpointClaim`` there is none to resume from (emptyDir): the run says
+  so with ``CheckpointPersistent=False`` and a ``RestartFromScratch`` event per recreated group.
+  At a terminal phase ``cleanPodPolicy`` deletes All pods, the unfinished (Running)
   ones, or None; ``ttlSecondsAfterFinished`` then deletes the run itself.
 """
 
@@ -257,6 +259,42 @@ def _replica_statuses(pods: list[PodView]) -> dict[str, ReplicaStatus]:
     return out
 
 
+FROM_SCRATCH = (
+    "this group starts over at step 0: without resources.checkpointClaim the checkpoints lived in "
+    "an emptyDir that went away with the previous pods"
+)
+
+
+def _checkpoint_condition(spec: TrainingRunSpec, st: TrainingRunStatus, now: datetime) -> None:
+    """``CheckpointPersistent``: does a group restart or a resume continue, or start over?
+
+    Checkpoints go to ``/checkpoints``: a PersistentVolumeClaim when ``checkpointClaim`` names one,
+    else an emptyDir that is deleted with the pods. The emptyDir default keeps a first run free of
+    storage set-up, but then a restart cannot resume; this condition (and a ``RestartFromScratch``
+    event each time a group is recreated) says so instead of starting at step 0 silently.
+    """
+    claim = spec.resources.checkpoint_claim
+    if claim:
+        set_condition(
+            st,
+            "CheckpointPersistent",
+            "True",
+            "PersistentVolumeClaim",
+            f"checkpoints go to PersistentVolumeClaim {claim}: restarts and resumes continue from them",
+            now,
+        )
+    else:
+        set_condition(
+            st,
+            "CheckpointPersistent",
+            "False",
+            "EmptyDir",
+            "checkpoints go to an emptyDir deleted with the pods: a group restart or a resume starts "
+            "over at step 0; set resources.checkpointClaim to a PersistentVolumeClaim to resume",
+            now,
+        )
+
+
 def _finish(st: TrainingRunStatus, phase: str, reason: str, message: str, now: datetime) -> None:
     st.phase = phase  # type: ignore[assignment]
     st.message = message
@@ -304,6 +342,7 @@ def reconcile(
     st = status.model_copy(deep=True)
     st.observed_generation = generation
     set_condition(st, "SpecValid", "True", "Valid", "spec accepted", now)
+    _checkpoint_condition(spec, st, now)
     d = Decision(status=st)
     views = [pod_view(p) for p in pods]
     same_attempt = [v for v in views if v.attempt == st.restart_count]
@@ -394,6 +433,8 @@ def reconcile(
     if len(current) < nodes:
         d.create_group = True
         d.resume = resumed or st.restart_count > 0 or condition(st, "Suspended") is not None
+        if d.resume and not spec.resources.checkpoint_claim and not current:
+            d.events.append(("Warning", "RestartFromScratch", FROM_SCRATCH))
         if st.start_time is None:
             st.start_time = rfc3339(now)
         if st.phase == "Pending":

@@ -321,3 +321,33 @@ def test_a_message_refresh_keeps_the_conditions_place() -> None:
     set_condition(st, "Running", "True", "PodsRunning", "b", NOW + timedelta(seconds=1))
     assert [c.type for c in st.conditions] == ["Running", "SpecValid"]
     assert cond(st, "Running").message == "b"
+
+
+def test_without_a_checkpoint_claim_the_run_says_a_restart_starts_over() -> None:
+    """Defect 3: with the default emptyDir a restart or resume silently started at step 0. The run
+    now carries CheckpointPersistent=False from the start, and each recreated group posts a
+    Warning event saying it starts over."""
+    spec = make_spec(backoffLimit=2)
+    d = step(spec, TrainingRunStatus(), [])
+    persistent = cond(d.status, "CheckpointPersistent")
+    assert persistent.status == "False" and persistent.reason == "EmptyDir"
+    assert "checkpointClaim" in persistent.message
+    assert not [e for e in d.events if e[1] == "RestartFromScratch"]  # the first group is no restart
+    restarting = TrainingRunStatus(phase="Restarting", restart_count=1, start_time=rfc3339(NOW))
+    d = step(spec, restarting, [])
+    assert d.create_group
+    (event,) = [e for e in d.events if e[1] == "RestartFromScratch"]
+    assert event[0] == "Warning" and "step 0" in event[2] and "checkpointClaim" in event[2]
+    suspended = step(make_spec(suspend=True), running_status(), [])
+    resumed = step(make_spec(), suspended.status, [])
+    assert resumed.create_group and any(e[1] == "RestartFromScratch" for e in resumed.events)
+
+
+def test_with_a_checkpoint_claim_a_restart_resumes_quietly() -> None:
+    spec = parse_spec({"resources": {"nodes": 2, "checkpointClaim": "ckpt"}})
+    d = step(spec, TrainingRunStatus(), [])
+    persistent = cond(d.status, "CheckpointPersistent")
+    assert persistent.status == "True" and "ckpt" in persistent.message
+    restarting = TrainingRunStatus(phase="Restarting", restart_count=1, start_time=rfc3339(NOW))
+    d = step(spec, restarting, [])
+    assert d.create_group and d.resume and not any(e[1] == "RestartFromScratch" for e in d.events)
