@@ -58,6 +58,28 @@ SIZE_TABLE: dict[str, dict[str, int]] = {
     "large": {"d_model": 768, "n_layers": 10, "n_heads": 12, "d_ff": 3072},
 }
 
+#: (base channels, depth) per size. VAE depth = stride-2 down-sampling stages of the encoder;
+#: diffusion depth = U-Net resolution levels; CNN depth = residual blocks (the model guide's
+#: small 64ch/4, medium 128ch/6, large 256ch/8); recurrent: hidden size and stacked layers (the
+#: model guide's small 256/2, medium 512/4, large 1024/4). ``tiny`` is a CI-sized row below them.
+FAMILY_SIZE_TABLE: dict[str, dict[str, tuple[int, int]]] = {
+    "vae": {"tiny": (16, 2), "small": (32, 3), "medium": (64, 3), "large": (128, 4)},
+    "diffusion": {"tiny": (16, 2), "small": (32, 2), "medium": (64, 3), "large": (128, 3)},
+    "cnn": {"tiny": (16, 2), "small": (64, 4), "medium": (128, 6), "large": (256, 8)},
+    "recurrent": {"tiny": (128, 2), "small": (256, 2), "medium": (512, 4), "large": (1024, 4)},
+}
+
+
+def family_dims(cfg: ModelConfig, family: str) -> tuple[int, int]:
+    """(width, depth) for ``family``: the size preset unless ``d_model``/``n_layers`` are set."""
+    width, depth = FAMILY_SIZE_TABLE[family][cfg.size]
+    if cfg.d_model is not None:
+        width = int(cfg.d_model)
+    if cfg.n_layers is not None:
+        depth = int(cfg.n_layers)
+    return width, depth
+
+
 #: LoRA ranks (query/key rank, value/output rank) per attention variant (search report).
 LORA_RANKS: dict[str, tuple[int, int]] = {
     "lora_small": (32, 64),
