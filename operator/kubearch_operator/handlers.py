@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from . import builders
 from .api import GROUP, KIND, PHASES, PLURAL, VERSION, check_run_name, parse_spec, parse_status
+from .peering import configure_peering
 from .status import invalid_spec, reconcile, rfc3339
 
 log = logging.getLogger("kubearch.operator")
@@ -84,10 +85,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.peering.name = os.environ.get("KUBEARCH_PEERING", "kubearch")
-    # A crashed replica's peering record blocks its replacement until it expires (kopf pauses
-    # while a same-priority peer looks alive): this bounds that wait.
-    settings.peering.lifetime = int(os.environ.get("KUBEARCH_PEERING_LIFETIME", "60"))
+    configure_peering(settings, os.environ)  # --peering wins over KUBEARCH_PEERING (peering.py)
     settings.posting.level = logging.WARNING  # kopf's own per-handler events stay out of `describe`
     settings.watching.server_timeout = 300
     _load_kube_config()
