@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kubearch_trainer.config import TrainConfig
+from kubearch_trainer.config import ConfigError, TrainConfig
 
 from . import gpu_matrix
 from .api import API_VERSION, KIND, ChosenShape, TrainingRunSpec
@@ -112,6 +112,11 @@ def plan_run(spec: TrainingRunSpec) -> RunPlan:
         reason = f"explicit: {nodes} node(s) x {gpus} GPU(s)" + ("" if gpus else " (CPU)")
         source = "explicit"
     nproc = res.nproc_per_node or max(gpus, 1)
+    if gpus and nproc > gpus:  # explicit shapes are refused by the schema; auto is known only here
+        raise ConfigError(
+            f"spec.resources.nprocPerNode: {nproc} processes for the {gpus} GPU(s) per node that "
+            f"auto chose: at most one process per GPU; remove nprocPerNode"
+        )
     shape_status = ChosenShape(
         nodes=nodes,
         gpus_per_node=gpus,

@@ -216,8 +216,17 @@ def test_spec_errors_name_the_field() -> None:
         parse_spec({"resources": {"auto": True, "nodes": 2}})
     with pytest.raises(ConfigError, match=r"spec\.runPolicy\.cleanPodPolicy"):
         parse_spec({"runPolicy": {"cleanPodPolicy": "Sometimes"}})
-    with pytest.raises(ConfigError, match="seq_len"):
+    # camelCase paths as in the CRD (issue 9: the operator said data.seq_len)
+    with pytest.raises(ConfigError, match=r"^spec\.data\.seqLen: 8192 exceeds model\.maxSeqLen \(1024\)$"):
         parse_spec({"data": {"seqLen": 8192}, "model": {"maxSeqLen": 1024}})
+    with pytest.raises(ConfigError, match=r"^spec\.resources\.nodes: auto: true chooses the shape"):
+        parse_spec({"resources": {"auto": True, "nodes": 2}})
+
+
+def test_auto_with_more_processes_than_the_chosen_gpus_is_refused() -> None:
+    spec = parse_spec({"resources": {"auto": True, "nprocPerNode": 4}})  # the matrix picks 1 GPU
+    with pytest.raises(ConfigError, match=r"spec\.resources\.nprocPerNode: 4 processes for the 1 GPU"):
+        b.plan_run(spec)
 
 
 @pytest.mark.parametrize("name", ["Demo", "1run", "a" * 53, "has.dot"])
