@@ -50,6 +50,12 @@ PROGRESS_ANNOTATION = "kubearch.dev/progress"
 CONFIG_MOUNT = "/etc/kubearch"
 CONFIG_KEY = "config.yaml"
 CHECKPOINT_MOUNT = "/checkpoints"
+#: Writable scratch space (emptyDir): the root filesystem is read-only, so TMPDIR, HOME and the
+#: caches (torch.compile/Triton, torchrun's logs) point here. Not /tmp, so that no image path is
+#: shadowed; tempfile, torch and Triton follow TMPDIR/HOME/XDG_CACHE_HOME.
+SCRATCH_MOUNT = "/scratch"
+#: The trainer image's user (Dockerfile ``USER 65532``); fsGroup makes volumes writable to it.
+RUN_AS_USER = 65532
 TERMINATION_LOG = "/dev/termination-log"
 CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -265,6 +271,9 @@ def pod_env(run: str, namespace: str, spec: TrainingRunSpec, shape: ChosenShape,
             "KUBEARCH_RUN": run,
             "KUBEARCH_TERMINATION_LOG": TERMINATION_LOG,
             "PYTHONUNBUFFERED": "1",
+            "TMPDIR": SCRATCH_MOUNT,
+            "HOME": SCRATCH_MOUNT,
+            "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/.cache",
         }
     )
     env = [{"name": k, "value": v} for k, v in values.items()]
@@ -290,6 +299,28 @@ def _resources(spec: TrainingRunSpec, shape: ChosenShape) -> dict[str, dict[str,
     if limits:
         out["limits"] = limits
     return out
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Non-root, seccomp RuntimeDefault (the "restricted" Pod Security Standard); fsGroup so the
+    checkpoint claim and the emptyDirs are writable by the trainer's user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """No privilege escalation, no capabilities, read-only root: the trainer writes only to its
+    volumes (/checkpoints, /scratch, /dev/shm) and the termination log."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def build_pod(
@@ -318,6 +349,7 @@ def build_pod(
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+        {"name": "scratch", "mountPath": SCRATCH_MOUNT},
     ]
     ports = [{"name": "rendezvous", "containerPort": res.master_port, "protocol": "TCP"}]
     if spec.training.metrics_port:
@@ -334,6 +366,7 @@ def build_pod(
         "resources": _resources(spec, shape),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security_context(),
     }
     wait = {
         "name": "wait-for-master",
@@ -341,6 +374,7 @@ def build_pod(
         "imagePullPolicy": res.image_pull_policy,
         "command": ["python", "-c", _WAIT_FOR_MASTER],
         "env": [e for e in env if e["name"] == "MASTER_ADDR"],
+        "securityContext": container_security_context(),
     }
     checkpoint_volume: dict[str, Any] = (
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": res.checkpoint_claim}}
@@ -358,12 +392,15 @@ def build_pod(
         "subdomain": service_name(run),
         "restartPolicy": "Never",  # a failure restarts the whole group, decided by the operator
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "securityContext": pod_security_context(),
         "initContainers": [wait],
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(run)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             checkpoint_volume,
+            {"name": "scratch", "emptyDir": {}},
         ],
     }
     if node_selector:

@@ -94,7 +94,12 @@ def test_gpu_limits_shm_volumes_and_termination_message() -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert volumes["config"]["configMap"]["name"] == "demo-config"
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/kubearch", "/dev/shm", "/checkpoints"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {
+        "/etc/kubearch",
+        "/dev/shm",
+        "/checkpoints",
+        "/scratch",
+    }
     assert (
         spec["restartPolicy"] == "Never"
         and spec["hostname"] == "demo-master-0"
@@ -253,3 +258,34 @@ def test_status_writes_skip_no_op_patches() -> None:
     new = {"phase": "Running", "message": "", "restartCount": 0, "startTime": None, "progress": None}
     assert _prune(new) == _prune(stored)  # nothing to write
     assert _prune({**new, "restartCount": 1}) != _prune(stored)
+
+
+def test_pods_run_restricted_with_writable_volumes_only() -> None:
+    """Issue 9: non-root, no privilege escalation, seccomp RuntimeDefault, read-only root
+    filesystem; everything the trainer writes goes to a volume (output dir under /checkpoints,
+    TMPDIR/HOME/caches under /scratch, /dev/shm)."""
+    pods, plan = group({"resources": {"nodes": 2, "checkpointClaim": "ckpt"}})
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0 and spec["securityContext"]["fsGroup"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in [*spec["initContainers"], *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+        (trainer,) = spec["containers"]
+        writable = {m["mountPath"] for m in trainer["volumeMounts"] if not m.get("readOnly")}
+        assert all(
+            "emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]]
+            for m in trainer["volumeMounts"]
+            if not m.get("readOnly")
+        )
+        e = env(pod)
+        for var in ("TMPDIR", "HOME", "XDG_CACHE_HOME"):
+            assert any(e[var].startswith(w) for w in writable), (var, e[var])
+        cm = b.build_configmap("demo", NS, UID, plan)
+        output_dir = yaml.safe_load(cm["data"]["config.yaml"])["training"]["outputDir"]
+        assert any(output_dir.startswith(w + "/") for w in writable)
