@@ -364,6 +364,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return None
 
         result["all_pods_s"] = wait_until(lambda: all(n in pod_watch.first for n in names), "all pods")
+        # Who was busy: CPU seconds of the operator and of kube-apiserver until then.
+        result["operator_cpu_s_until_all_pods"] = round(proc_cpu_seconds(proc.pid), 1)
+        result["apiserver_cpu_s_until_all_pods"] = round(
+            proc_cpu_seconds(plane.procs["kube-apiserver"].pid), 1
+        )
         print(f"all pods after {result['all_pods_s']} s", flush=True)
         if args.kwok:
             result["all_running_s"] = wait_until(

@@ -77,7 +77,7 @@ log = logging.getLogger("kubearch.operator")
 
 #: Safety resync period (seconds); 0 disables it. Passes at rest make no API request.
 RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "600"))
-WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "8")))
+WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "16")))
 METRICS_PORT = int(os.environ.get("KUBEARCH_OPERATOR_METRICS_PORT", "8000"))
 
 RECONCILES = Counter("kubearch_operator_reconcile_total", "Reconcile passes by result.", ["result"])
@@ -645,13 +645,20 @@ def _check_existing(kind: str, read: Any, delete: Any, name: str, namespace: str
 
 
 def _ensure_child(
-    kind: str, cached: Iterable[dict[str, Any]], desired: dict[str, Any], uid: str, resource: str
+    kind: str,
+    cached: Iterable[dict[str, Any]],
+    name: str,
+    namespace: str,
+    build: Any,
+    uid: str,
+    resource: str,
 ) -> tuple[bool, dict[str, Any] | None]:
-    """Make ``desired`` exist and be ours; returns (ours now, the cached copy if it was ours)."""
+    """Make the object ``build()`` returns exist and be ours; (ours now, our cached copy).
+
+    ``build`` is called only when a request is needed: a pass that finds the object in the
+    cache renders nothing (the ConfigMap's YAML is the costliest part of a pass).
+    """
     core = _clients["core"]
-    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-    create = getattr(core, f"create_namespaced_{resource}")
-    read = getattr(core, f"read_namespaced_{resource}")
     delete = getattr(core, f"delete_namespaced_{resource}")
     mine = next((c for c in cached if c["name"] == name), None)
     if mine is not None:
@@ -663,9 +670,12 @@ def _ensure_child(
             )
             _delete(delete, name, namespace, mine["uid"])
         return False, None
-    if _create(kind, create, namespace, desired):
+    if _create(kind, getattr(core, f"create_namespaced_{resource}"), namespace, build()):
         return True, None
-    return _check_existing(kind, read, delete, name, namespace, uid), None
+    read = getattr(core, f"read_namespaced_{resource}")
+    if _check_existing(kind, read, delete, name, namespace, uid):
+        return True, {"name": name, "data": None}  # ours, content unknown to the cache
+    return False, None
 
 
 def _ensure_children(snap: Snapshot, spec: Any, plan: builders.RunPlan, decision: Any) -> bool:
@@ -677,21 +687,40 @@ def _ensure_children(snap: Snapshot, spec: Any, plan: builders.RunPlan, decision
     """
     meta = snap.run["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    service = builders.build_service(name, namespace, uid, spec)
-    svc_ok, _ = _ensure_child("Service", snap.services, service, uid, "service")
+    svc_ok, _ = _ensure_child(
+        "Service",
+        snap.services,
+        builders.service_name(name),
+        namespace,
+        lambda: builders.build_service(name, namespace, uid, spec),
+        uid,
+        "service",
+    )
     resume = decision.resume if decision.create_group else _resume_of(decision.status)
-    cm = builders.build_configmap(name, namespace, uid, plan, resume=resume)
-    cm_ok, cached = _ensure_child("ConfigMap", snap.configmaps, cm, uid, "config_map")
-    if cm_ok and decision.create_group and (cached is None or cached["data"] != _digest(cm["data"])):
+    rendered: list[dict[str, Any]] = []
+
+    def configmap() -> dict[str, Any]:
+        if not rendered:
+            rendered.append(builders.build_configmap(name, namespace, uid, plan, resume=resume))
+        return rendered[0]
+
+    cm_name = builders.configmap_name(name)
+    cm_ok, cached = _ensure_child(
+        "ConfigMap", snap.configmaps, cm_name, namespace, configmap, uid, "config_map"
+    )
+    if (
+        cm_ok
+        and decision.create_group
+        and cached is not None
+        and cached["data"] != _digest(configmap()["data"])
+    ):
         try:
             _clients["core"].patch_namespaced_config_map(
-                cm["metadata"]["name"], namespace, {"data": cm["data"]}, _preload_content=False
+                cm_name, namespace, {"data": configmap()["data"]}, _preload_content=False
             )
         except ApiException as err:
             if refusals.is_refused(err.status):
-                raise Refused(
-                    refusals.describe_refusal("ConfigMap", cm["metadata"]["name"], err.status, err.body)
-                ) from None
+                raise Refused(refusals.describe_refusal("ConfigMap", cm_name, err.status, err.body)) from None
             raise
     return svc_ok and cm_ok
 
