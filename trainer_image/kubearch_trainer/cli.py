@@ -123,6 +123,44 @@ register_subcommand(
 )
 
 
+def _configure_search(p: argparse.ArgumentParser) -> None:
+    from kubearch_operator.search.local import add_search_arguments
+
+    add_search_arguments(p)
+
+
+def _run_search(ns: argparse.Namespace) -> int:
+    from kubearch_operator.search.local import run_search_from_args
+
+    return run_search_from_args(ns)
+
+
+def _configure_report(p: argparse.ArgumentParser) -> None:
+    from kubearch_operator.search.local import add_report_arguments
+
+    add_report_arguments(p)
+
+
+def _run_report(ns: argparse.Namespace) -> int:
+    from kubearch_operator.search.local import run_report_from_args
+
+    return run_report_from_args(ns)
+
+
+register_subcommand(
+    "search",
+    "run an ArchitectureSearch manifest with local trainer processes (kubearch search -f SEARCH.yaml)",
+    _configure_search,
+    _run_search,
+)
+register_subcommand(
+    "report",
+    "print and write the report of an ArchitectureSearch (from the cluster, or --file search.json)",
+    _configure_report,
+    _run_report,
+)
+
+
 def run_kubearch(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="kubearch", description="kubearch: train and compare architectures.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
