@@ -287,10 +287,14 @@ def _fold(rec: TrialRecord, obs: TrialObservation, spec: ArchitectureSearchSpec,
             return
         rec.state, rec.reason, rec.objective = "Succeeded", "Succeeded", value
         rec.message = f"{spec.objective.metric} {value:.6g} after {rec.steps} steps"
+        if rec.plan.get("changed"):  # keep saying what was changed and why
+            rec.message += f"; planned: {rec.plan.get('reason', '')}"
         return
     rec.state = "Failed"
     rec.reason = "OOM" if is_oom(obs) else (obs.reason or "Failed")
     rec.message = obs.message or (f"exit code {obs.exit_code}" if obs.exit_code is not None else "failed")
+    if rec.plan.get("changed"):
+        rec.message += f"; planned: {rec.plan.get('reason', '')}"
 
 
 def _better_key(minimize: bool):

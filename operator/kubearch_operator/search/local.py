@@ -117,7 +117,8 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
-def print_plan(name: str, spec: ArchitectureSearchSpec, out=sys.stdout) -> None:
+def print_plan(name: str, spec: ArchitectureSearchSpec, out=None) -> None:
+    out = out or sys.stdout
     rows = search_plan(name, spec)
     paths = [p.path for p in spec.search_space]
     print(f"kubearch search --dry-run: {name}, {spec.algorithm.name}, rungs {spec.rung_steps()}", file=out)

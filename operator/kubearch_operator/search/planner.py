@@ -192,9 +192,12 @@ def plan_trial(spec: TrainingRunSpec, planning: Planning) -> MemoryPlan:
             accum = effective // micro
             est = estimate_bytes(spec, micro, accum, checkpointing)
             if est <= limit:
-                how = f"micro-batch {b}x{a} -> {micro}x{accum} (effective batch {effective} kept)"
-                if checkpointing and not ckpt:
-                    how += ", gradient checkpointing on"
+                if micro == b:
+                    how = f"gradient checkpointing on at micro-batch {b}x{a}"
+                else:
+                    how = f"micro-batch {b}x{a} -> {micro}x{accum} (effective batch {effective} kept)"
+                    if checkpointing and not ckpt:
+                        how += ", gradient checkpointing on"
                 return MemoryPlan(
                     planned=True,
                     fits=True,
