@@ -14,6 +14,7 @@ from kubearch_operator.search.engine import (
     SEARCH_LABEL,
     TRIAL_INDEX_LABEL,
     TrialObservation,
+    observe_trainingrun,
     step,
     trial_metrics,
 )
@@ -324,3 +325,33 @@ def test_trial_metrics_from_results_and_trainingrun_status() -> None:
     assert m["valLoss"] == 3.0 and m["trainLoss"] == 3.1 and m["perplexity"] == 20.0
     assert m["tokensPerSecond"] == 900.0 and m["steps"] == 50 and m["timeSeconds"] == 9.0
     assert trial_metrics({"final_val_loss": float("nan"), "ok": True}) == {}
+
+
+def test_trainingrun_objects_become_observations() -> None:
+    oom = {
+        "metadata": {"name": "s-000"},
+        "status": {
+            "phase": "Failed",
+            "message": "pod s-000-worker-0 exited 67 (CUDA_OOM); not retried",
+            "conditions": [
+                {"type": "Running", "status": "False"},
+                {"type": "Failed", "status": "True", "reason": "CudaOOM"},
+            ],
+            "metrics": {"peak_memory_bytes": 2.0e10},
+        },
+    }
+    obs = observe_trainingrun(oom)
+    assert (obs.name, obs.state, obs.reason) == ("s-000", "Failed", "CudaOOM")
+    assert obs.metrics["peakMemoryBytes"] == 2.0e10
+    spec = _spec(searchSpace=[{"path": "model.size", "values": ["tiny"]}], budget={"parallelTrials": 1})
+    first = step("s", spec, ArchitectureSearchStatus(), {}, T0)
+    d = step("s", spec, first.status, {"s-000": obs}, T0 + timedelta(seconds=1))
+    assert [t.name for t in d.create] == ["s-001"] and d.status.trials[0].reason == "OOM"
+    done = observe_trainingrun(
+        {"metadata": {"name": "x"}, "status": {"phase": "Succeeded", "metrics": {"final_val_loss": 1.5}}}
+    )
+    assert done.state == "Succeeded" and done.metrics["valLoss"] == 1.5
+    assert (
+        observe_trainingrun({"metadata": {"name": "x"}, "status": {"phase": "Restarting"}}).state == "Running"
+    )
+    assert observe_trainingrun({"metadata": {"name": "x"}}).state == "Created"

@@ -166,6 +166,28 @@ def trial_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def observe_trainingrun(obj: dict[str, Any]) -> TrialObservation:
+    """The operator's side of the contract: a trial TrainingRun object -> :class:`TrialObservation`.
+
+    Phases map to Created (Pending, Created, Suspended), Running (Running, Restarting), Succeeded
+    and Failed; a failure's reason is the ``Failed`` condition's (``CudaOOM`` for the trainer's exit
+    67, ``OOMKilled``, ``BackoffLimitExceeded``, ...); metrics come from ``status.metrics`` and
+    ``status.progress`` through :func:`trial_metrics`.
+    """
+    status = obj.get("status") or {}
+    name = (obj.get("metadata") or {}).get("name", "")
+    phase = status.get("phase") or "Pending"
+    metrics = trial_metrics(status)
+    message = str(status.get("message") or "")
+    if phase == "Succeeded":
+        return TrialObservation(name, "Succeeded", metrics, message=message)
+    if phase == "Failed":
+        failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+        return TrialObservation(name, "Failed", metrics, str(failed.get("reason") or "Failed"), message)
+    state = "Running" if phase in ("Running", "Restarting") else "Created"
+    return TrialObservation(name, state, metrics, message=message)  # type: ignore[arg-type]
+
+
 def trial_name(search: str, index: int) -> str:
     """Deterministic trial name: ``<search>-<index>`` (index zero-padded to 3 digits)."""
     return f"{search}-{index:03d}"
