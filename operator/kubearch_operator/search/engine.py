@@ -258,11 +258,12 @@ def _chains(records: list[TrialRecord]) -> dict[int, dict[int, list[TrialRecord]
 
 
 def _needs_oom_retry(rec: TrialRecord) -> bool:
+    """An OOM'd trial that has not been retried and whose micro-batch can still be halved."""
     return (
         rec.state == "Failed"
         and rec.reason == "OOM"
         and rec.oom_retries == 0
-        and int(rec.plan.get("batchSize") or rec.plan.get("originalBatchSize") or 2) > 1
+        and int(rec.plan.get("batchSize") or 2) > 1
     )
 
 

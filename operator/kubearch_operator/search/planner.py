@@ -88,8 +88,13 @@ class MemoryPlan:
 
     def as_record(self) -> dict[str, Any]:
         """camelCase dict for ``TrialRecord.plan``."""
-        if not self.planned:
-            return {"planned": False, "reason": self.reason}
+        if not self.planned:  # the batch is recorded anyway: an OOM retry halves it
+            return {
+                "planned": False,
+                "batchSize": self.batch_size,
+                "gradientAccumulationSteps": self.gradient_accumulation_steps,
+                "reason": self.reason,
+            }
         return {
             "planned": True,
             "fits": self.fits,
