@@ -123,7 +123,7 @@ def print_plan(name: str, spec: ArchitectureSearchSpec, out=None) -> None:
     paths = [p.path for p in spec.search_space]
     print(f"kubearch search --dry-run: {name}, {spec.algorithm.name}, rungs {spec.rung_steps()}", file=out)
     print(
-        "trial | rung | steps | " + " | ".join(paths) + " | batch | est. GiB | planned | est. GiB | note",
+        "config | rung | steps | " + " | ".join(paths) + " | batch | est. GiB | planned | est. GiB | note",
         file=out,
     )
     for r in rows:
@@ -135,7 +135,7 @@ def print_plan(name: str, spec: ArchitectureSearchSpec, out=None) -> None:
         if not p.get("planned"):
             note = p["reason"]
         cells = [
-            r["trial"],
+            str(r["config"]),
             str(r["rung"]),
             str(r["steps"]),
             *(str(r["parameters"].get(k)) for k in paths),
