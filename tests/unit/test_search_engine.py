@@ -355,3 +355,62 @@ def test_trainingrun_objects_become_observations() -> None:
         observe_trainingrun({"metadata": {"name": "x"}, "status": {"phase": "Restarting"}}).state == "Running"
     )
     assert observe_trainingrun({"metadata": {"name": "x"}}).state == "Created"
+
+
+ALGORITHMS = [
+    {"name": "grid", "rungs": [5, 10]},
+    {"name": "grid", "rungs": [5, 10, 20], "earlyStopping": {"minTrialsRequired": 2}},
+    {"name": "random", "rungs": [5, 10], "earlyStopping": {"minTrialsRequired": 2}},
+    {"name": "asha", "rungs": [5, 10, 20], "eta": 2},
+    {"name": "tpe", "rungs": [5, 10], "nStartupTrials": 3},
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -> None:
+    """Any mix of successes, failures and OOMs: the search ends, never runs more than parallelTrials,
+    never creates a name twice, and while it runs something is running or being created."""
+    import random
+
+    rng = random.Random(seed)
+    algorithm = ALGORITHMS[seed % len(ALGORITHMS)]
+    space = [
+        {"path": "model.size", "values": ["tiny", "small", "medium"]},
+        {"path": "model.attention", "values": ["baseline", "rope_only"]},
+    ]
+    if algorithm["name"] in ("random", "tpe"):
+        space[0] = {"path": "training.learningRate", "min": 1e-4, "max": 1e-2, "log": True}
+    spec = _spec(
+        trialTemplate={
+            "model": {"architecture": "dense"},
+            "training": {"batchSize": rng.choice([1, 8])},
+            "resources": {"gpusPerNode": 0},
+        },
+        searchSpace=space,
+        algorithm=algorithm,
+        budget={
+            "parallelTrials": rng.randint(1, 4),
+            "maxTrials": rng.randint(2, 8),
+            "maxFailedTrials": rng.randint(0, 3),
+        },
+    )
+    drv = Driver(spec)
+    for _ in range(300):
+        d = drv.step()
+        assert len(drv.running()) <= spec.budget.parallel_trials
+        if drv.status.phase in ("Succeeded", "Failed"):
+            break
+        assert drv.running() or d.create, drv.status.message
+        for name in drv.running():
+            if rng.random() < 0.5:
+                r = rng.random()
+                if r < 0.1:
+                    drv.fail(name, reason=rng.choice(["CudaOOM", "OOMKilled"]))
+                elif r < 0.17:
+                    drv.fail(name)
+                else:
+                    drv.finish(name, valLoss=rng.random())
+    assert drv.status.phase in ("Succeeded", "Failed")
+    assert len(drv.created) == len(set(drv.created))
+    assert drv.max_running <= spec.budget.parallel_trials
+    assert not any(t.state in ("Planned", "Created", "Running") for t in drv.status.trials)
