@@ -72,6 +72,7 @@ def test_local_search_runs_trials_and_writes_a_sorted_leaderboard(
         res = json.loads((trial_dir / "results.json").read_text())
         assert entry["objective"] == res["final_val_loss"] and res["steps"] == entry["steps"] == 8
         assert json.loads((trial_dir / "trial.yaml").read_text())["training"]["stepsPerEpoch"] == 8
+        assert not (trial_dir / "checkpoint.pt").exists()  # a finished trial's checkpoint is removed
     rung0 = [t for t in trials if t["rung"] == 0]
     assert all(
         json.loads((out / "trials" / t["name"] / "results.json").read_text())["steps"] == 4 for t in rung0
