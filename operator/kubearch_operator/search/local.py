@@ -459,7 +459,14 @@ def run_report_from_args(ns: argparse.Namespace) -> int:
         print(f"kubearch report: {err}", file=sys.stderr)
         return int(ExitCode.CONFIG_ERROR)
     except Exception as err:  # kubernetes ApiException and friends: say what went wrong, no traceback
-        print(f"kubearch report: cannot read ArchitectureSearch {ns.name!r}: {err}", file=sys.stderr)
+        why = str(err)
+        body = getattr(err, "body", None)
+        if getattr(err, "status", None) is not None:
+            try:
+                why = f"{err.status} {json.loads(body or '{}').get('message') or err.reason}"  # type: ignore[attr-defined]
+            except ValueError:
+                why = f"{err.status} {err.reason}"  # type: ignore[attr-defined]
+        print(f"kubearch report: cannot read ArchitectureSearch {ns.name!r}: {why}", file=sys.stderr)
         return int(ExitCode.FAILED)
     histories = {}
     if ns.file:  # a local search: the trials' results.json lie next to search.json

@@ -217,7 +217,9 @@ def render_markdown(report: dict[str, Any], top: int = 10) -> str:
         lines.append(f"**Status**: {report['message']}")
     best = report["best"]
     if best:
-        params = ", ".join(f"{k}={_param_cell(best['parameters'], k)}" for k in best["parameters"])
+        params = ", ".join(
+            f"{k}={_param_cell(best['parameters'], k)}" for k in paths if k in best["parameters"]
+        )
         lines.append(
             f"**Best**: {best['trial']} ({params}): {metric} {best['objective']:.4f} "
             f"after {best['steps']} steps"
@@ -298,7 +300,7 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     ax = axes[0][-1]
     for curve in report["curves"]:
         color = f"C{curve['rank'] - 1}"
-        label = ", ".join(_param_cell(curve["parameters"], k) for k in curve["parameters"])
+        label = ", ".join(_param_cell(curve["parameters"], k) for k in report["searchSpace"])
         for trial, hist in (curve.get("history") or {}).items():
             tr = [(h["step"], h["train_loss"]) for h in hist if isinstance(h.get("train_loss"), int | float)]
             if tr:
