@@ -414,3 +414,33 @@ def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -
     assert len(drv.created) == len(set(drv.created))
     assert drv.max_running <= spec.budget.parallel_trials
     assert not any(t.state in ("Planned", "Created", "Running") for t in drv.status.trials)
+
+
+def test_tpe_search_restarted_from_stored_status_proposes_what_an_uninterrupted_one_does() -> None:
+    spec = _spec(
+        searchSpace=[
+            {"path": "training.learningRate", "min": 1e-4, "max": 1e-1, "log": True},
+            {"path": "model.attention", "values": ["baseline", "rope_only", "bias_only"]},
+        ],
+        algorithm={"name": "tpe", "seed": 5, "nStartupTrials": 3},
+        budget={"maxTrials": 10, "parallelTrials": 2},
+    )
+
+    def run(restart_every_step: bool) -> list[dict]:
+        drv = Driver(spec)
+        while drv.status.phase != "Succeeded":
+            if restart_every_step:  # the operator died: its next incarnation reads the stored status
+                stored = json.loads(drv.status.model_dump_json(by_alias=True))
+                drv.status = ArchitectureSearchStatus.model_validate(stored)
+            drv.step()
+            for name in drv.running()[:1]:
+                rec = drv.record(name)
+                lr = rec.parameters["training.learningRate"]
+                drv.finish(
+                    name, valLoss=(math.log10(lr) + 2) ** 2 + len(rec.parameters["model.attention"]) / 10
+                )
+        return [t.parameters for t in sorted(drv.status.trials, key=lambda t: t.index)]
+
+    uninterrupted = run(False)
+    assert len(uninterrupted) == 10
+    assert run(True) == uninterrupted
