@@ -370,3 +370,6 @@ async def on_suspend_changed(old: Any, new: Any, name: str, namespace: str, logg
 async def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
     """A pod of a run changed (phase, exit, deletion): wake its run's loop."""
     _wake(namespace, labels.get(builders.RUN_LABEL))
+
+
+from . import search_handlers  # noqa: E402, F401  (registers the ArchitectureSearch handlers)
