@@ -213,10 +213,6 @@ SEARCH_PRINTER_COLUMNS = [
 
 #: Cross-field rules of a search parameter (mirrors ``SearchParameter._values_or_range``).
 SEARCH_PARAMETER_RULES = [
-    {
-        "rule": "has(self.values) != (has(self.min) || has(self.max))",
-        "message": "give either values or min and max",
-    },
     {"rule": "has(self.min) == has(self.max)", "message": "a range needs both min and max"},
     {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "min must be below max"},
     {
@@ -232,6 +228,8 @@ SEARCH_PARAMETER_RULES = [
         "message": "log, step and type apply to ranges (min/max), not to values",
     },
 ]
+#: A parameter lists ``values`` or gives ``min`` and ``max``, never both (checked with the rules above).
+SEARCH_PARAMETER_ONE_OF = [{"required": ["values"]}, {"required": ["min", "max"]}]
 #: Cross-field rules of ``spec.algorithm`` (mirrors ``Algorithm``'s validators).
 SEARCH_ALGORITHM_RULES = [
     {
@@ -278,6 +276,9 @@ def search_spec_schema() -> dict[str, Any]:
     space["x-kubernetes-list-type"] = "map"
     space["x-kubernetes-list-map-keys"] = ["path"]
     space["items"]["x-kubernetes-validations"] = SEARCH_PARAMETER_RULES
+    # values XOR a range. CEL cannot see ``values`` (its items are untyped, so the field has no CEL
+    # type); a structural oneOf of required fields can, and the CEL rule above pairs min with max.
+    space["items"]["oneOf"] = SEARCH_PARAMETER_ONE_OF
     algorithm = props["algorithm"]
     algorithm["x-kubernetes-validations"] = SEARCH_ALGORITHM_RULES
     # Rungs are distinct training steps (with isSorted() above: strictly increasing).

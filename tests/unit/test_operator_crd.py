@@ -68,8 +68,11 @@ def test_schema_is_structural(build: Any) -> None:
             or node.get("x-kubernetes-int-or-string")
             or node.get("x-kubernetes-preserve-unknown-fields")
         ), f"{path} has no type"
-        for banned in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title", "const"):
+        for banned in ("$ref", "anyOf", "allOf", "$defs", "title", "const"):
             assert banned not in node, f"{path} still has {banned}"
+        # oneOf only as a value validation over fields the node declares (structural rule)
+        for branch in node.get("oneOf", []):
+            assert set(branch) == {"required"} and set(branch["required"]) <= set(node["properties"]), path
         assert node.get("additionalProperties", {}) is not False, f"{path}: additionalProperties false"
         assert not ("properties" in node and "additionalProperties" in node), path
         if "exclusiveMinimum" in node:
@@ -196,7 +199,8 @@ def test_search_cross_field_rules_are_cel() -> None:
     space = spec["searchSpace"]
     assert space["x-kubernetes-list-type"] == "map" and space["x-kubernetes-list-map-keys"] == ["path"]
     messages = [r["message"] for r in space["items"]["x-kubernetes-validations"]]
-    assert "give either values or min and max" in messages
+    assert "a range needs both min and max" in messages
+    assert space["items"]["oneOf"] == [{"required": ["values"]}, {"required": ["min", "max"]}]
     algorithm = spec["algorithm"]
     rules = {r["message"]: r for r in algorithm["x-kubernetes-validations"]}
     asha = next(r for m, r in rules.items() if m.startswith("asha needs"))
