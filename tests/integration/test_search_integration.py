@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ GROUP, VERSION = "kubearch.dev", "v1alpha1"
 SEARCHES, RUNS = "architecturesearches", "trainingruns"
 SEARCH_LABEL = "kubearch.dev/search"
 FINAL = ("Succeeded", "Failed")
+#: Seconds of rest measured by the at-rest test (several of the TrainingRun controller's resyncs).
+REST_WINDOW = 5.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ BAD_SEARCHES = [
     ),
     (
         {"searchSpace": [{"path": "training.learningRate", "values": [0.1], "min": 0.01, "max": 0.1}]},
-        "\"spec.searchSpace[0]\" must validate one and only one schema (oneOf)",
+        '"spec.searchSpace[0]" must validate one and only one schema (oneOf)',
     ),
     (
         {
@@ -414,3 +417,35 @@ def test_deleting_the_search_deletes_its_trials(installed, operator, namespace: 
     )
     metrics = operator.metrics()
     assert f'search="{name}"' not in metrics  # the search's series went with it
+
+
+def request_counts(kube, resource: str) -> dict[str, float]:
+    """The API server's own count of completed requests on ``resource``, by verb (all clients)."""
+    counts: dict[str, float] = {}
+    for line in kube.kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        if line.startswith("apiserver_request_total{") and f'resource="{resource}"' in line:
+            verb = line.split('verb="', 1)[1].split('"', 1)[0]
+            counts[verb] = counts.get(verb, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str) -> None:
+    """Watch-driven: with nothing changing, the search controller reads nothing and writes nothing.
+
+    The window below is a measurement of rest (how many requests happen while nothing changes), not
+    a wait for a condition; before it, the test waits until the search has settled.
+    """
+    kube, ns, name = installed, namespace, "idle"
+    create_search(kube, ns, name, {**GOOD, "budget": {"parallelTrials": 2}})
+    wait_for(lambda: len(trials(kube, ns, name)) == 2, what="two trials")
+    wait_for(
+        lambda: search_status(kube, ns, name).get("trialCounts", {}).get("created") == 2,
+        what="the search to record both trials as created",
+    )
+    before = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))
+    time.sleep(REST_WINDOW)
+    after = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))
+    search_requests = {v: n - before[0].get(v, 0) for v, n in after[0].items() if v != "WATCH"}
+    assert not any(search_requests.values()), search_requests
+    run_writes = {v: after[1].get(v, 0) - before[1].get(v, 0) for v in ("POST", "DELETE")}
+    assert not any(run_writes.values()), run_writes
