@@ -209,7 +209,7 @@ async def _drain(key: tuple[str, str], state: _SearchState) -> None:
         try:
             exported = await asyncio.to_thread(reconcile_search, search, trials, state)
             state.failures = 0
-            if exported is not None:
+            if exported is not None and _states.get(key) is state:  # not deleted meanwhile
                 _export(search, exported, state)
         except Exception as err:  # the pass is retried after a back-off; each failure is counted
             state.failures += 1
