@@ -836,3 +836,6 @@ def _write_status(run: dict[str, Any], stored: dict[str, Any], new: dict[str, An
     return _clients["custom"].patch_namespaced_custom_object_status(
         GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch
     )
+
+
+from . import search_handlers  # noqa: E402, F401  (registers the ArchitectureSearch handlers)
