@@ -442,6 +442,16 @@ def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str)
         lambda: search_status(kube, ns, name).get("trialCounts", {}).get("created") == 2,
         what="the search to record both trials as created",
     )
+    # The namespace controller LISTs and DELETEs every resource of a namespace it empties: wait
+    # until earlier tests' namespaces are gone, so that the counts below are the operator's.
+    wait_for(
+        lambda: (
+            [n.metadata.name for n in kube.core.list_namespace(label_selector="kubearch.dev/test").items]
+            == [ns]
+        ),
+        timeout=120,
+        what="earlier test namespaces to be deleted",
+    )
     before = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))
     time.sleep(REST_WINDOW)
     after = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))

@@ -9,6 +9,7 @@ a lagging index.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -208,6 +209,7 @@ def test_trial_counts_always_name_every_state() -> None:
 class FakeCustom:
     def __init__(self, calls: list[tuple[str, Any]], existing: dict[str, dict[str, Any]]) -> None:
         self.calls, self.existing = calls, existing
+        self.refuse: dict[str, str] = {}  # name -> the API server's message (422)
 
     def patch_namespaced_custom_object_status(self, g, v, ns, plural, name, body, **kw) -> None:
         assert kw["_content_type"] == "application/json-patch+json"
@@ -217,6 +219,10 @@ class FakeCustom:
         self.calls.append(("create", body))
         if body["metadata"]["name"] in self.existing:
             raise ApiException(status=409, reason="AlreadyExists")
+        if body["metadata"]["name"] in self.refuse:
+            err = ApiException(status=422, reason="Unprocessable Entity")
+            err.body = json.dumps({"kind": "Status", "message": self.refuse[body["metadata"]["name"]]})
+            raise err
 
     def get_namespaced_custom_object(self, g, v, ns, plural, name) -> dict[str, Any]:
         self.calls.append(("get", name))
@@ -388,3 +394,25 @@ def test_a_recreated_search_starts_from_its_own_status(api, steps) -> None:
     fresh["uid"] = "another-uid"
     sh.reconcile_search(fresh, [], state)
     assert steps[-1]["status"] == parse_search_status({})  # not the deleted namesake's status
+
+
+def test_a_trial_the_api_server_refuses_fails_with_its_message_instead_of_retrying(api, steps) -> None:
+    calls, _ = api
+    why = 'TrainingRun.kubearch.dev "s-0" is invalid: spec.resources.gpuType: Invalid value: "a b"'
+    sh._clients["custom"].refuse["s-0"] = why
+    state = sh._SearchState()
+    sh.reconcile_search(search(), [], state)  # no exception: nothing to retry
+    assert ("event", ("TrialRefused", f"the API server refused TrainingRun s-0: {why}")) in calls
+    assert state.dirty, "the refusal is folded in by another pass at once"
+    sh.reconcile_search(search(), [], state)
+    refused = steps[-1]["observed"]["s-0"]
+    assert (refused.state, refused.reason) == ("Failed", "TrialRefused") and why in refused.message
+    assert len([c for c in calls if c[0] == "create"]) == 1
+
+
+def test_api_message_reads_a_status_body() -> None:
+    assert (
+        sb.api_message(b'{"kind": "Status", "message": "spec.x: Invalid value"}') == "spec.x: Invalid value"
+    )
+    assert sb.api_message("not json") == "not json"
+    assert sb.api_message(None) == ""
