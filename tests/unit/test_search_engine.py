@@ -14,6 +14,7 @@ from kubearch_operator.search.engine import (
     SEARCH_LABEL,
     TRIAL_INDEX_LABEL,
     TrialObservation,
+    observe_trainingrun,
     step,
     trial_metrics,
 )
@@ -324,3 +325,122 @@ def test_trial_metrics_from_results_and_trainingrun_status() -> None:
     assert m["valLoss"] == 3.0 and m["trainLoss"] == 3.1 and m["perplexity"] == 20.0
     assert m["tokensPerSecond"] == 900.0 and m["steps"] == 50 and m["timeSeconds"] == 9.0
     assert trial_metrics({"final_val_loss": float("nan"), "ok": True}) == {}
+
+
+def test_trainingrun_objects_become_observations() -> None:
+    oom = {
+        "metadata": {"name": "s-000"},
+        "status": {
+            "phase": "Failed",
+            "message": "pod s-000-worker-0 exited 67 (CUDA_OOM); not retried",
+            "conditions": [
+                {"type": "Running", "status": "False"},
+                {"type": "Failed", "status": "True", "reason": "CudaOOM"},
+            ],
+            "metrics": {"peak_memory_bytes": 2.0e10},
+        },
+    }
+    obs = observe_trainingrun(oom)
+    assert (obs.name, obs.state, obs.reason) == ("s-000", "Failed", "CudaOOM")
+    assert obs.metrics["peakMemoryBytes"] == 2.0e10
+    spec = _spec(searchSpace=[{"path": "model.size", "values": ["tiny"]}], budget={"parallelTrials": 1})
+    first = step("s", spec, ArchitectureSearchStatus(), {}, T0)
+    d = step("s", spec, first.status, {"s-000": obs}, T0 + timedelta(seconds=1))
+    assert [t.name for t in d.create] == ["s-001"] and d.status.trials[0].reason == "OOM"
+    done = observe_trainingrun(
+        {"metadata": {"name": "x"}, "status": {"phase": "Succeeded", "metrics": {"final_val_loss": 1.5}}}
+    )
+    assert done.state == "Succeeded" and done.metrics["valLoss"] == 1.5
+    assert (
+        observe_trainingrun({"metadata": {"name": "x"}, "status": {"phase": "Restarting"}}).state == "Running"
+    )
+    assert observe_trainingrun({"metadata": {"name": "x"}}).state == "Created"
+
+
+ALGORITHMS = [
+    {"name": "grid", "rungs": [5, 10]},
+    {"name": "grid", "rungs": [5, 10, 20], "earlyStopping": {"minTrialsRequired": 2}},
+    {"name": "random", "rungs": [5, 10], "earlyStopping": {"minTrialsRequired": 2}},
+    {"name": "asha", "rungs": [5, 10, 20], "eta": 2},
+    {"name": "tpe", "rungs": [5, 10], "nStartupTrials": 3},
+]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -> None:
+    """Any mix of successes, failures and OOMs: the search ends, never runs more than parallelTrials,
+    never creates a name twice, and while it runs something is running or being created."""
+    import random
+
+    rng = random.Random(seed)
+    algorithm = ALGORITHMS[seed % len(ALGORITHMS)]
+    space = [
+        {"path": "model.size", "values": ["tiny", "small", "medium"]},
+        {"path": "model.attention", "values": ["baseline", "rope_only"]},
+    ]
+    if algorithm["name"] in ("random", "tpe"):
+        space[0] = {"path": "training.learningRate", "min": 1e-4, "max": 1e-2, "log": True}
+    spec = _spec(
+        trialTemplate={
+            "model": {"architecture": "dense"},
+            "training": {"batchSize": rng.choice([1, 8])},
+            "resources": {"gpusPerNode": 0},
+        },
+        searchSpace=space,
+        algorithm=algorithm,
+        budget={
+            "parallelTrials": rng.randint(1, 4),
+            "maxTrials": rng.randint(2, 8),
+            "maxFailedTrials": rng.randint(0, 3),
+        },
+    )
+    drv = Driver(spec)
+    for _ in range(300):
+        d = drv.step()
+        assert len(drv.running()) <= spec.budget.parallel_trials
+        if drv.status.phase in ("Succeeded", "Failed"):
+            break
+        assert drv.running() or d.create, drv.status.message
+        for name in drv.running():
+            if rng.random() < 0.5:
+                r = rng.random()
+                if r < 0.1:
+                    drv.fail(name, reason=rng.choice(["CudaOOM", "OOMKilled"]))
+                elif r < 0.17:
+                    drv.fail(name)
+                else:
+                    drv.finish(name, valLoss=rng.random())
+    assert drv.status.phase in ("Succeeded", "Failed")
+    assert len(drv.created) == len(set(drv.created))
+    assert drv.max_running <= spec.budget.parallel_trials
+    assert not any(t.state in ("Planned", "Created", "Running") for t in drv.status.trials)
+
+
+def test_tpe_search_restarted_from_stored_status_proposes_what_an_uninterrupted_one_does() -> None:
+    spec = _spec(
+        searchSpace=[
+            {"path": "training.learningRate", "min": 1e-4, "max": 1e-1, "log": True},
+            {"path": "model.attention", "values": ["baseline", "rope_only", "bias_only"]},
+        ],
+        algorithm={"name": "tpe", "seed": 5, "nStartupTrials": 3},
+        budget={"maxTrials": 10, "parallelTrials": 2},
+    )
+
+    def run(restart_every_step: bool) -> list[dict]:
+        drv = Driver(spec)
+        while drv.status.phase != "Succeeded":
+            if restart_every_step:  # the operator died: its next incarnation reads the stored status
+                stored = json.loads(drv.status.model_dump_json(by_alias=True))
+                drv.status = ArchitectureSearchStatus.model_validate(stored)
+            drv.step()
+            for name in drv.running()[:1]:
+                rec = drv.record(name)
+                lr = rec.parameters["training.learningRate"]
+                drv.finish(
+                    name, valLoss=(math.log10(lr) + 2) ** 2 + len(rec.parameters["model.attention"]) / 10
+                )
+        return [t.parameters for t in sorted(drv.status.trials, key=lambda t: t.index)]
+
+    uninterrupted = run(False)
+    assert len(uninterrupted) == 10
+    assert run(True) == uninterrupted

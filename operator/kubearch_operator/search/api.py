@@ -570,7 +570,11 @@ def _field_style(text: str) -> str:
     for line in text.splitlines():
         line = re.sub(rf"^spec: (?={_SPEC_FIELDS}\b)", "spec.", line)
         field, sep, rest = line.partition(": ")
-        out.append(re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", field) + sep + rest)
+        field = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", field)
+        inner = re.match(r"^(\w+)(\[\d+\]): ", rest)  # "spec.algorithm.rungs: rungs[1]: ..."
+        if inner and field.endswith("." + inner.group(1)):
+            field, rest = field + inner.group(2), rest[inner.end() :]
+        out.append(field + sep + rest)
     return "\n".join(out)
 
 

@@ -166,6 +166,28 @@ def trial_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def observe_trainingrun(obj: dict[str, Any]) -> TrialObservation:
+    """The operator's side of the contract: a trial TrainingRun object -> :class:`TrialObservation`.
+
+    Phases map to Created (Pending, Created, Suspended), Running (Running, Restarting), Succeeded
+    and Failed; a failure's reason is the ``Failed`` condition's (``CudaOOM`` for the trainer's exit
+    67, ``OOMKilled``, ``BackoffLimitExceeded``, ...); metrics come from ``status.metrics`` and
+    ``status.progress`` through :func:`trial_metrics`.
+    """
+    status = obj.get("status") or {}
+    name = (obj.get("metadata") or {}).get("name", "")
+    phase = status.get("phase") or "Pending"
+    metrics = trial_metrics(status)
+    message = str(status.get("message") or "")
+    if phase == "Succeeded":
+        return TrialObservation(name, "Succeeded", metrics, message=message)
+    if phase == "Failed":
+        failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+        return TrialObservation(name, "Failed", metrics, str(failed.get("reason") or "Failed"), message)
+    state = "Running" if phase in ("Running", "Restarting") else "Created"
+    return TrialObservation(name, state, metrics, message=message)  # type: ignore[arg-type]
+
+
 def trial_name(search: str, index: int) -> str:
     """Deterministic trial name: ``<search>-<index>`` (index zero-padded to 3 digits)."""
     return f"{search}-{index:03d}"
@@ -236,11 +258,12 @@ def _chains(records: list[TrialRecord]) -> dict[int, dict[int, list[TrialRecord]
 
 
 def _needs_oom_retry(rec: TrialRecord) -> bool:
+    """An OOM'd trial that has not been retried and whose micro-batch can still be halved."""
     return (
         rec.state == "Failed"
         and rec.reason == "OOM"
         and rec.oom_retries == 0
-        and int(rec.plan.get("batchSize") or rec.plan.get("originalBatchSize") or 2) > 1
+        and int(rec.plan.get("batchSize") or 2) > 1
     )
 
 
@@ -287,10 +310,14 @@ def _fold(rec: TrialRecord, obs: TrialObservation, spec: ArchitectureSearchSpec,
             return
         rec.state, rec.reason, rec.objective = "Succeeded", "Succeeded", value
         rec.message = f"{spec.objective.metric} {value:.6g} after {rec.steps} steps"
+        if rec.plan.get("changed"):  # keep saying what was changed and why
+            rec.message += f"; planned: {rec.plan.get('reason', '')}"
         return
     rec.state = "Failed"
     rec.reason = "OOM" if is_oom(obs) else (obs.reason or "Failed")
     rec.message = obs.message or (f"exit code {obs.exit_code}" if obs.exit_code is not None else "failed")
+    if rec.plan.get("changed"):
+        rec.message += f"; planned: {rec.plan.get('reason', '')}"
 
 
 def _better_key(minimize: bool):

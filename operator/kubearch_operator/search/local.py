@@ -37,6 +37,8 @@ from .engine import TrialObservation, leaderboard, step, trial_metrics, trial_na
 from .planner import plan_trial
 
 POLL_SECONDS = 0.2
+#: The trainer's checkpoint file (kubearch_trainer.checkpoint.CHECKPOINT_NAME; that module needs torch).
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -117,12 +119,13 @@ def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}"
 
 
-def print_plan(name: str, spec: ArchitectureSearchSpec, out=sys.stdout) -> None:
+def print_plan(name: str, spec: ArchitectureSearchSpec, out=None) -> None:
+    out = out or sys.stdout
     rows = search_plan(name, spec)
     paths = [p.path for p in spec.search_space]
     print(f"kubearch search --dry-run: {name}, {spec.algorithm.name}, rungs {spec.rung_steps()}", file=out)
     print(
-        "trial | rung | steps | " + " | ".join(paths) + " | batch | est. GiB | planned | est. GiB | note",
+        "config | rung | steps | " + " | ".join(paths) + " | batch | est. GiB | planned | est. GiB | note",
         file=out,
     )
     for r in rows:
@@ -134,7 +137,7 @@ def print_plan(name: str, spec: ArchitectureSearchSpec, out=sys.stdout) -> None:
         if not p.get("planned"):
             note = p["reason"]
         cells = [
-            r["trial"],
+            str(r["config"]),
             str(r["rung"]),
             str(r["steps"]),
             *(str(r["parameters"].get(k)) for k in paths),
@@ -196,9 +199,10 @@ class LocalSearch:
         device: str = "auto",
         trial_timeout: float | None = None,
         log=print,
+        keep_checkpoints: bool = False,
     ) -> None:
         self.name, self.spec, self.out, self.device = name, spec, out, device
-        self.trial_timeout, self.log = trial_timeout, log
+        self.trial_timeout, self.log, self.keep_checkpoints = trial_timeout, log, keep_checkpoints
         self.status = ArchitectureSearchStatus()
         self.procs: dict[str, Any] = {}
         self.done: dict[str, TrialObservation] = {}
@@ -223,6 +227,10 @@ class LocalSearch:
                 err = str(res.get("error") or f"exit code {code}")
                 obs = TrialObservation(name, "Failed", metrics, _reason(code), err[:500], code)
             self.done[name] = observed[name] = obs
+            if not self.keep_checkpoints:
+                # A trial always trains from scratch: its checkpoint (weights + AdamW state, GBs for
+                # the seed's large model) is of no further use, and 72 of them would fill a disk.
+                (proc.out / CHECKPOINT_FILE).unlink(missing_ok=True)
         return observed
 
     def _start(self, trial) -> None:
@@ -356,6 +364,11 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print every trial's memory plan and exit")
     p.add_argument("--trial-timeout", type=float, default=None, help="seconds per trial before it is stopped")
     p.add_argument("--no-plot", action="store_true", help="skip report.png (no matplotlib needed)")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished trial's checkpoint.pt (deleted by default)",
+    )
 
 
 def run_search_from_args(ns: argparse.Namespace) -> int:
@@ -376,8 +389,23 @@ def run_search_from_args(ns: argparse.Namespace) -> int:
         f"{spec.max_trials()} configurations, {spec.budget.parallel_trials} at once; writing {out}",
         flush=True,
     )
-    search = LocalSearch(name, spec, out, ns.device, ns.trial_timeout, log=lambda m: print(m, flush=True))
-    status = search.run()
+    search = LocalSearch(
+        name,
+        spec,
+        out,
+        ns.device,
+        ns.trial_timeout,
+        log=lambda m: print(m, flush=True),
+        keep_checkpoints=ns.keep_checkpoints,
+    )
+    try:
+        status = search.run()
+    except KeyboardInterrupt:
+        print(
+            f"\nkubearch search: interrupted; trials stopped, {out / 'search.json'} holds the state",
+            flush=True,
+        )
+        return 130
     report = build_report(name, spec, status, search.histories())
     paths = write_report(report, out, plot=not ns.no_plot)
     print("\n" + render_markdown(report))
@@ -431,7 +459,14 @@ def run_report_from_args(ns: argparse.Namespace) -> int:
         print(f"kubearch report: {err}", file=sys.stderr)
         return int(ExitCode.CONFIG_ERROR)
     except Exception as err:  # kubernetes ApiException and friends: say what went wrong, no traceback
-        print(f"kubearch report: cannot read ArchitectureSearch {ns.name!r}: {err}", file=sys.stderr)
+        why = str(err)
+        body = getattr(err, "body", None)
+        if getattr(err, "status", None) is not None:
+            try:
+                why = f"{err.status} {json.loads(body or '{}').get('message') or err.reason}"  # type: ignore[attr-defined]
+            except ValueError:
+                why = f"{err.status} {err.reason}"  # type: ignore[attr-defined]
+        print(f"kubearch report: cannot read ArchitectureSearch {ns.name!r}: {why}", file=sys.stderr)
         return int(ExitCode.FAILED)
     histories = {}
     if ns.file:  # a local search: the trials' results.json lie next to search.json

@@ -88,8 +88,13 @@ class MemoryPlan:
 
     def as_record(self) -> dict[str, Any]:
         """camelCase dict for ``TrialRecord.plan``."""
-        if not self.planned:
-            return {"planned": False, "reason": self.reason}
+        if not self.planned:  # the batch is recorded anyway: an OOM retry halves it
+            return {
+                "planned": False,
+                "batchSize": self.batch_size,
+                "gradientAccumulationSteps": self.gradient_accumulation_steps,
+                "reason": self.reason,
+            }
         return {
             "planned": True,
             "fits": self.fits,
@@ -192,9 +197,12 @@ def plan_trial(spec: TrainingRunSpec, planning: Planning) -> MemoryPlan:
             accum = effective // micro
             est = estimate_bytes(spec, micro, accum, checkpointing)
             if est <= limit:
-                how = f"micro-batch {b}x{a} -> {micro}x{accum} (effective batch {effective} kept)"
-                if checkpointing and not ckpt:
-                    how += ", gradient checkpointing on"
+                if micro == b:
+                    how = f"gradient checkpointing on at micro-batch {b}x{a}"
+                else:
+                    how = f"micro-batch {b}x{a} -> {micro}x{accum} (effective batch {effective} kept)"
+                    if checkpointing and not ckpt:
+                        how += ", gradient checkpointing on"
                 return MemoryPlan(
                     planned=True,
                     fits=True,

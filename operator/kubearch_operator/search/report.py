@@ -41,6 +41,18 @@ def _entry(t: TrialRecord) -> dict[str, Any]:
     }
 
 
+#: The seed's per-mode statistics besides the objective's: accuracy, time and memory, mean ± std.
+_SEED_STATS = ("valAccuracy", "timeSeconds", "peakMemoryBytes")
+
+
+def _mean_std(values: list[float | None]) -> dict[str, float] | None:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    mean = sum(xs) / len(xs)
+    return {"mean": mean, "std": math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))}
+
+
 def _heat_axes(spec: ArchitectureSearchSpec) -> tuple[str, str] | None:
     paths = [p.path for p in spec.search_space]
     if "model.size" in paths and "model.attention" in paths:
@@ -74,6 +86,7 @@ def build_report(
         rungs.append(
             {
                 **stats.model_dump(mode="json", by_alias=True),
+                "metrics": {k: _mean_std([t.metrics.get(k) for t in done]) for k in _SEED_STATS},
                 "top": [_entry(t) for t in done[:TOP_PER_RUNG]],
             }
         )
@@ -204,7 +217,9 @@ def render_markdown(report: dict[str, Any], top: int = 10) -> str:
         lines.append(f"**Status**: {report['message']}")
     best = report["best"]
     if best:
-        params = ", ".join(f"{k}={_param_cell(best['parameters'], k)}" for k in best["parameters"])
+        params = ", ".join(
+            f"{k}={_param_cell(best['parameters'], k)}" for k in paths if k in best["parameters"]
+        )
         lines.append(
             f"**Best**: {best['trial']} ({params}): {metric} {best['objective']:.4f} "
             f"after {best['steps']} steps"
@@ -229,6 +244,16 @@ def render_markdown(report: dict[str, Any], top: int = 10) -> str:
                 f"**{metric}**: {rung['mean']:.4f} ± {rung['std']:.4f} "
                 f"(range: {rung['min']:.4f}-{rung['max']:.4f})"
             )
+        extra = []
+        for key, label, kind in (("valAccuracy", "Accuracy", "acc"), ("timeSeconds", "Time", "time")):
+            ms = rung["metrics"].get(key)
+            if ms:
+                extra.append(f"**{label}**: {_fmt(ms['mean'], kind)} ± {_fmt(ms['std'], kind)}")
+        ms = rung["metrics"].get("peakMemoryBytes")
+        if ms:
+            extra.append(f"**Memory**: {_fmt(ms['mean'], 'bytes')} ± {_fmt(ms['std'], 'bytes')}")
+        if extra:
+            lines.append("; ".join(extra))
         if rung["top"]:
             lines += [
                 "",
@@ -263,15 +288,19 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(heat["x"])
         ax.set_ylabel(heat["y"])
         ax.set_title(f"{metric} at rung {panel['rung']} ({panel['steps']} steps); blank: failed/not run")
+        dark_high = cmap == "viridis_r"  # viridis is dark at its low end; reversed, at its high end
         for i, row in enumerate(values):
             for j, v in enumerate(row):
                 if not math.isnan(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+                    dark = (im.norm(v) > 0.5) == dark_high
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if dark else "k"
+                    )
         fig.colorbar(im, ax=ax)
     ax = axes[0][-1]
     for curve in report["curves"]:
         color = f"C{curve['rank'] - 1}"
-        label = ", ".join(_param_cell(curve["parameters"], k) for k in curve["parameters"])
+        label = ", ".join(_param_cell(curve["parameters"], k) for k in report["searchSpace"])
         for trial, hist in (curve.get("history") or {}).items():
             tr = [(h["step"], h["train_loss"]) for h in hist if isinstance(h.get("train_loss"), int | float)]
             if tr:
