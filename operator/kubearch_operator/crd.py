@@ -21,7 +21,8 @@ import sys
 from typing import Any
 
 import yaml
-from kubearch_trainer.config import BUILTIN_ARCHITECTURES
+from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS
+from pydantic.alias_generators import to_camel
 
 from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, TrainingRunSpec, TrainingRunStatus
 from .search.api import KIND as SEARCH_KIND
@@ -43,13 +44,108 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
-#: Cross-field rules the API server checks itself (CEL), mirrored by the pydantic validators.
-RESOURCES_RULES = [
-    {
-        "rule": "!self.auto || (!has(self.nodes) && !has(self.gpusPerNode))",
-        "message": "auto: true chooses the shape; remove nodes and gpusPerNode or set auto: false",
-    }
+def _rule(rule: str, message: str, field: str | None = None) -> dict[str, str]:
+    """A CEL rule; ``fieldPath`` makes the API server name the field (``spec.data.seqLen``)."""
+    out = {"rule": rule, "message": message}
+    if field:
+        out["fieldPath"] = field
+        out["reason"] = "FieldValueInvalid"
+    return out
+
+
+# Cross-field rules the API server checks itself (CEL, ``x-kubernetes-validations``). Each has a
+# pydantic twin with the same field path (api.spec_cross_checks, Resources, SchedulingPolicy,
+# Toleration, config.trainer_cross_checks): the operator says the same if one gets past (a CRD
+# installed before the rule, or a plugin architecture). Every string and list is bounded
+# (maxLength/maxItems/maxProperties), which keeps the rules' estimated cost within the API
+# server's budget.
+SPEC_RULES = [
+    _rule("self.data.seqLen <= self.model.maxSeqLen", "data.seqLen exceeds model.maxSeqLen", ".data.seqLen"),
+    _rule(
+        "!has(self.model.hybridLocalWindow) || self.model.hybridLocalWindow <= self.data.seqLen",
+        "hybridLocalWindow exceeds data.seqLen: a window longer than the sequence is full attention",
+        ".model.hybridLocalWindow",
+    ),
+    _rule(
+        "self.training.device != 'cuda' || self.resources.auto || !has(self.resources.gpusPerNode) "
+        "|| self.resources.gpusPerNode > 0",
+        "cuda needs GPUs; resources.gpusPerNode is 0",
+        ".training.device",
+    ),
+    _rule(
+        "!has(self.training.metricsPort) || self.training.metricsPort != self.resources.masterPort",
+        "metricsPort is resources.masterPort (torchrun's rendezvous port)",
+        ".training.metricsPort",
+    ),
 ]
+RESOURCES_RULES = [
+    _rule(
+        "!self.auto || (!has(self.nodes) && !has(self.gpusPerNode))",
+        "auto: true chooses the shape; remove nodes and gpusPerNode or set auto: false",
+    ),
+    _rule(
+        "self.auto || !has(self.nprocPerNode) || (has(self.gpusPerNode) ? "
+        "(self.gpusPerNode == 0 || self.nprocPerNode <= self.gpusPerNode) : self.nprocPerNode <= 1)",
+        "at most one process per GPU (gpusPerNode: 0 runs any number on CPU)",
+        ".nprocPerNode",
+    ),
+]
+TOLERATION_RULES = [
+    _rule(
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "must be empty when operator is Exists",
+        ".value",
+    ),
+    _rule(
+        "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+        "must be Exists when key is empty (it matches every taint)",
+        ".operator",
+    ),
+    _rule(
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "is only allowed with effect NoExecute",
+        ".tolerationSeconds",
+    ),
+]
+SCHEDULING_RULES = [
+    _rule(
+        f"has(self.schedulerName) || !has(self.{f})",
+        "needs schedulerName: only a gang scheduler reads it",
+        f".{f}",
+    )
+    for f in ("queue", "minAvailable")
+]
+TRAINING_RULES = [
+    _rule(
+        "!has(self.warmupSteps) || self.warmupSteps <= self.numEpochs * self.stepsPerEpoch",
+        "warmupSteps exceeds the run's steps (numEpochs x stepsPerEpoch)",
+        ".warmupSteps",
+    )
+]
+
+
+def _family_rules() -> list[dict[str, str]]:
+    """An option of another family, written explicitly, is refused (config.FAMILY_OPTIONS)."""
+    rules = []
+    for field, families in FAMILY_OPTIONS.items():
+        name = to_camel(field)
+        allowed = ", ".join(f"'{f}'" for f in families)
+        rules.append(
+            _rule(
+                f"!has(self.{name}) || self.architecture in [{allowed}]",
+                f"applies to architecture {', '.join(families)} only",
+                f".{name}",
+            )
+        )
+    return rules
+
+
+#: Fields without a schema default, so that CEL's has() means "the user wrote it" (pydantic
+#: applies the defaults in the operator and the trainer).
+NO_DEFAULT_MODEL_FIELDS = frozenset(to_camel(f) for f in FAMILY_OPTIONS)
+NO_DEFAULT_TRAINING_FIELDS = frozenset({"warmupSteps"})
+#: Spec sections defaulted to {} so their fields' defaults apply and spec-level rules can read them.
+SECTIONS = ("model", "data", "training", "resources", "runPolicy")
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
 #: Keywords that give a node a type (or lead to one); a node with none of them is ``Any``.
@@ -114,6 +210,12 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "", *, partial: bool
             out["enum"] = [value]
         elif key == "default" and value is None:
             continue
+        elif key == "propertyNames":  # not structural: the map's keys are checked by CEL
+            out.setdefault("x-kubernetes-validations", []).append(_key_rule(value))
+        elif key == "patternProperties":  # pydantic's form of a key pattern: same, as CEL
+            ((pattern, values),) = value.items()
+            out["additionalProperties"] = to_openapi(values, defs, f"{path}[*]")
+            out.setdefault("x-kubernetes-validations", []).append(_key_rule({"pattern": pattern}))
         elif key in _VALUES:  # data, not schema: copied as is
             out[key] = value
         else:
@@ -124,6 +226,15 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "", *, partial: bool
     return out
 
 
+def _key_rule(names: dict[str, Any]) -> dict[str, str]:
+    checks = []
+    if "maxLength" in names:
+        checks.append(f"size(k) <= {names['maxLength']}")
+    if "pattern" in names:
+        checks.append(f"k.matches(r'{names['pattern']}')")
+    return _rule(f"self.all(k, {' && '.join(checks)})", "keys must be label keys")
+
+
 def _schema(model: type, mode: str) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode=mode)  # type: ignore[attr-defined]
     return to_openapi(raw, raw.get("$defs", {}), path="")
@@ -131,12 +242,22 @@ def _schema(model: type, mode: str) -> dict[str, Any]:
 
 def spec_schema() -> dict[str, Any]:
     schema = _schema(TrainingRunSpec, "validation")
-    resources = schema["properties"]["resources"]
-    resources["x-kubernetes-validations"] = RESOURCES_RULES
+    props = schema["properties"]
+    for section in SECTIONS:
+        props[section]["default"] = {}
+    schema["x-kubernetes-validations"] = SPEC_RULES
+    props["resources"]["x-kubernetes-validations"] = RESOURCES_RULES
+    props["resources"]["properties"]["tolerations"]["items"]["x-kubernetes-validations"] = TOLERATION_RULES
+    policy = props["runPolicy"]["properties"]["schedulingPolicy"]
+    policy["x-kubernetes-validations"] = SCHEDULING_RULES
+    props["training"]["x-kubernetes-validations"] = TRAINING_RULES
+    props["model"]["x-kubernetes-validations"] = _family_rules()
     # The trainer checks plugin names at run time; the API server knows the built-in ones.
-    schema["properties"]["model"]["properties"]["architecture"]["enum"] = list(BUILTIN_ARCHITECTURES)
-    for name in MATRIX_FIELDS:
-        schema["properties"]["training"]["properties"][name].pop("default", None)
+    props["model"]["properties"]["architecture"]["enum"] = list(BUILTIN_ARCHITECTURES)
+    for name in NO_DEFAULT_MODEL_FIELDS:
+        props["model"]["properties"][name].pop("default", None)
+    for name in MATRIX_FIELDS | NO_DEFAULT_TRAINING_FIELDS:
+        props["training"]["properties"][name].pop("default", None)
     return schema
 
 

@@ -19,6 +19,9 @@ KWOK_VERSION="v0.7.0"
 # The Go release the toolchain must at least be (k8s.io/kubernetes's own go.mod `go` line).
 GO_MIN="1.24.0"
 GO_FALLBACK="go1.24.13"
+# `--version | head -1` under pipefail failed the script (exit 141) after a full build: head
+# exits after one line, and etcd's next write gets SIGPIPE. Read whole outputs instead.
+first_line() { local out; out="$("$@")"; printf '%s\n' "${out%%$'\n'*}"; }
 
 all_present() {
   local b
@@ -34,38 +37,9 @@ if all_present; then
   exit 0
 fi
 
-# --- a Go toolchain ---------------------------------------------------------------------------
-# Any go >= 1.21 can fetch the toolchain go.mod asks for (GOTOOLCHAIN=auto). With no go at all
-# (Debian's golang-go is too old to switch), fetch an official toolchain zip from the module proxy.
-PROXY="$(printf '%s' "${GOPROXY:-https://proxy.golang.org}" | cut -d, -f1)"
-[[ "$PROXY" == direct || "$PROXY" == off ]] && PROXY="https://proxy.golang.org"
-# KUBEARCH_GO=/path/to/go picks a toolchain; KUBEARCH_GO=fetch forces the download path.
-GO_BIN="${KUBEARCH_GO:-$(command -v go || true)}"
-if [[ -z "$GO_BIN" && -x /usr/local/go/bin/go ]]; then GO_BIN=/usr/local/go/bin/go; fi
-[[ "$GO_BIN" == fetch ]] && GO_BIN=""
-if [[ -n "$GO_BIN" ]]; then
-  have="$("$GO_BIN" env GOVERSION | sed 's/^go//')"
-  if [[ "$(printf '%s\n%s\n' 1.21.0 "$have" | sort -V | head -1)" != 1.21.0 ]]; then GO_BIN=""; fi
-fi
-if [[ -z "$GO_BIN" ]]; then
-  TC="$HOME/.cache/kubearch/go-toolchain/$GO_FALLBACK"
-  if [[ ! -x "$TC/go/bin/go" ]]; then
-    command -v unzip >/dev/null || { apt-get update -qq && apt-get install -y -qq unzip curl; }
-    mkdir -p "$TC"
-    zip="$TC/tc.zip"
-    curl -fsSL -o "$zip" "$PROXY/golang.org/toolchain/@v/v0.0.1-$GO_FALLBACK.linux-$(uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/').zip"
-    (cd "$TC" && unzip -q "$zip" && rm -f "$zip")
-    mv "$TC/golang.org/toolchain@"* "$TC/go"
-    chmod +x "$TC/go/bin/"* "$TC/go/pkg/tool/"*/* 2>/dev/null || true
-  fi
-  GO_BIN="$TC/go/bin/go"
-fi
-have="$("$GO_BIN" env GOVERSION | sed 's/^go//')"
-if [[ "$(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -1)" != "$GO_MIN" ]]; then
-  export GOTOOLCHAIN="$GO_FALLBACK"   # fetched through the module proxy by go itself
-else
-  export GOTOOLCHAIN=local
-fi
+# --- a Go toolchain (shared with tests/helm/build-helm.sh) -----------------------------------
+# shellcheck source=go-env.sh
+source "$HERE/go-env.sh"
 
 # --- build ------------------------------------------------------------------------------------
 export CGO_ENABLED=0
@@ -103,6 +77,6 @@ mkdir -p "$DEST"
 for b in "${BINARIES[@]}"; do mv -f "$STAGE/$b" "$DEST/$b"; done
 echo "built in $(( $(date +%s) - start )) s:" >&2
 "$DEST/kube-apiserver" --version >&2
-"$DEST/etcd" --version | head -1 >&2
+first_line "$DEST/etcd" --version >&2
 "$DEST/kwok" --version >&2 || true
 echo "$DEST"

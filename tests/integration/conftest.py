@@ -162,7 +162,7 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            "KUBEARCH_RESYNC_SECONDS": "1",
+            "KUBEARCH_RESYNC_SECONDS": "0",  # no safety resync: every reaction must come from an event
             "KUBEARCH_PEERING_LIFETIME": "5",  # after a crash, the dead peer blocks for this long
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }

@@ -90,6 +90,7 @@ def test_enums_bounds_and_defaults_reach_the_api_server() -> None:
         "default": 3,
         "description": policy["backoffLimit"]["description"],
         "minimum": 0,
+        "maximum": 1000,
         "type": "integer",
     }
     assert spec["training"]["properties"]["learningRate"]["exclusiveMinimum"] is True
@@ -130,6 +131,45 @@ def test_names_columns_and_status_subresource() -> None:
         "restartCount",
         "observedGeneration",
     } <= set(status)
+
+
+def _strings_and_numbers(node: Any, path: str = "spec") -> list[tuple[str, dict]]:
+    out = []
+    if isinstance(node, dict):
+        if node.get("type") in ("string", "integer", "number") and "enum" not in node:
+            out.append((path, node))
+        for key, value in node.get("properties", {}).items():
+            out += _strings_and_numbers(value, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                out += _strings_and_numbers(node[key], f"{path}[{key}]")
+    return out
+
+
+def test_every_string_and_number_of_the_spec_is_bounded() -> None:
+    """Issue 9: a 1 MB string or weightDecay 1e308 passed the schema. Every string now has a
+    maxLength and every number a maximum; lists and maps a size limit (also CEL's cost bound)."""
+    spec = schema()["properties"]["spec"]
+    leaves = _strings_and_numbers(spec)
+    assert len(leaves) > 60
+    for path, node in leaves:
+        bound = "maxLength" if node["type"] == "string" else "maximum"
+        assert bound in node, f"{path} has no {bound}"
+    for path, node in _walk(spec):
+        if node.get("type") == "array":
+            assert "maxItems" in node, path
+        if node.get("type") == "object" and "additionalProperties" in node:
+            assert "maxProperties" in node, path
+
+
+def test_family_options_and_warmup_have_no_schema_default() -> None:
+    """CEL's has() must mean "the user wrote it" for the cross-family rules."""
+    spec = schema()["properties"]["spec"]["properties"]
+    for name in crd.NO_DEFAULT_MODEL_FIELDS:
+        assert "default" not in spec["model"]["properties"][name], name
+    assert "default" not in spec["training"]["properties"]["warmupSteps"]
+    for section in crd.SECTIONS:
+        assert spec[section]["default"] == {}, section  # nested defaults then apply
 
 
 # ------------------------------------------------------------------------------------------------
