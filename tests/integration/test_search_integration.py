@@ -459,3 +459,34 @@ def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str)
     assert not any(search_requests.values()), search_requests
     run_writes = {v: after[1].get(v, 0) - before[1].get(v, 0) for v in ("POST", "DELETE")}
     assert not any(run_writes.values()), run_writes
+
+
+def test_updates_apply_and_a_refused_update_leaves_running_trials_alone(
+    installed, operator, namespace: str
+) -> None:
+    kube, ns, name = installed, namespace, "edited"
+    space = [{"path": "training.learningRate", "values": [0.001, 0.002, 0.003]}]
+    create_search(kube, ns, name, {"trialTemplate": template(), "searchSpace": space})
+    first = wait_new_trial(kube, ns, name, set())
+    set_pod(kube, ns, f"{first['metadata']['name']}-master-0", "Running")
+
+    bad = [{"path": "training.learningRate", "values": [0.001, -1.0]}]  # a TrainingRun refuses lr <= 0
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SEARCHES, name, {"spec": {"searchSpace": bad}}
+    )
+    status = wait_for(
+        lambda: (s := search_status(kube, ns, name)) and cond(s, "SpecValid")["status"] == "False" and s,
+        what="SpecValid=False after the update",
+    )
+    assert "spec.searchSpace[0].values[1]" in cond(status, "SpecValid")["message"]
+    (still,) = trials(kube, ns, name)
+    assert still["metadata"]["uid"] == first["metadata"]["uid"]  # the running trial was left alone
+
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SEARCHES, name, {"spec": {"searchSpace": space, "budget": {"parallelTrials": 2}}}
+    )
+    second = wait_new_trial(kube, ns, name, {first["metadata"]["name"]})  # the wider budget applies
+    assert params(second) != params(first)
+    status = search_status(kube, ns, name)
+    assert cond(status, "SpecValid")["status"] == "True"
+    assert len(unfinished(kube, ns, name)) == 2

@@ -17,7 +17,13 @@ import pytest
 from kubearch_operator import search_builders as sb
 from kubearch_operator import search_handlers as sh
 from kubearch_operator.search import engine
-from kubearch_operator.search.api import ArchitectureSearchStatus, TrialRecord, parse_search_status
+from kubearch_operator.search.api import (
+    ArchitectureSearchStatus,
+    LeaderboardEntry,
+    TrialCounts,
+    TrialRecord,
+    parse_search_status,
+)
 from kubernetes.client.rest import ApiException
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -416,3 +422,73 @@ def test_api_message_reads_a_status_body() -> None:
     )
     assert sb.api_message("not json") == "not json"
     assert sb.api_message(None) == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+def samples(search_name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the search gauges that carries ``search=search_name``."""
+    out = {}
+    for gauge in (sh.SEARCH_TRIALS, sh.SEARCH_BEST, sh.SEARCH_TRIAL_OBJECTIVE, sh.SEARCH_LEADERBOARD):
+        for family in gauge.collect():
+            for s in family.samples:
+                if s.labels.get("search") == search_name:
+                    labels = tuple(
+                        sorted((k, v) for k, v in s.labels.items() if k not in ("search", "namespace"))
+                    )
+                    out[(s.name, labels)] = s.value
+    return out
+
+
+def finished(index: int, objective: float, rung: int = 0) -> TrialRecord:
+    return TrialRecord(
+        index=index,
+        name=f"m-{index:03d}",
+        config=index,
+        rung=rung,
+        steps=10,
+        state="Succeeded",
+        objective=objective,
+    )
+
+
+def entry(rank: int, index: int, objective: float) -> LeaderboardEntry:
+    return LeaderboardEntry(
+        rank=rank, trial=f"m-{index:03d}", config=index, rung=0, steps=10, objective=objective
+    )
+
+
+def test_gauges_follow_the_status_and_leave_with_the_search() -> None:
+    key = ("ns", "m")
+    state = sh._states.setdefault(key, sh._SearchState())
+    snap = search(name="m", spec={**SPEC, "objective": {"metric": "valLoss"}})
+    board = [entry(1, 1, 1.5), entry(2, 0, 2.0)]
+    status = ArchitectureSearchStatus(
+        phase="Running",
+        trials=[finished(0, 2.0), finished(1, 1.5), TrialRecord(index=2, name="m-002", config=2, steps=10)],
+        trial_counts=TrialCounts(total=3, succeeded=2, planned=1),
+        leaderboard=board,
+        best_trial=board[0],
+    )
+    try:
+        sh._export(snap, status, state)
+        got = samples("m")
+        assert got[("kubearch_operator_search_trials", (("state", "succeeded"),))] == 2
+        assert got[("kubearch_operator_search_trials", (("state", "failed"),))] == 0
+        assert got[("kubearch_operator_search_best_objective", (("metric", "valLoss"),))] == 1.5
+        objectives = {dict(k[1])["trial"]: v for k, v in got.items() if k[0].endswith("trial_objective")}
+        assert objectives == {"m-000": 2.0, "m-001": 1.5}  # the planned trial has no objective yet
+        ranks = {dict(k[1])["rank"]: dict(k[1])["trial"] for k in got if "leaderboard" in k[0]}
+        assert ranks == {"1": "m-001", "2": "m-000"}
+
+        status.leaderboard = [entry(1, 1, 1.5)]
+        status.trials = status.trials[1:]
+        sh._export(snap, status, state)
+        got = samples("m")
+        assert {dict(k[1])["trial"] for k in got if k[0].endswith("trial_objective")} == {"m-001"}
+        assert {dict(k[1])["rank"] for k in got if "leaderboard" in k[0]} == {"1"}
+    finally:
+        sh._forget(key)
+    assert samples("m") == {}
+    assert key not in sh._states
