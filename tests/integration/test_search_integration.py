@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import wait_for
+from controlplane import REPO, wait_for
 from test_operator_integration import NEVER_SCHEDULE, gone, set_pod
 
 GROUP, VERSION = "kubearch.dev", "v1alpha1"
@@ -490,3 +490,33 @@ def test_updates_apply_and_a_refused_update_leaves_running_trials_alone(
     status = search_status(kube, ns, name)
     assert cond(status, "SpecValid")["status"] == "True"
     assert len(unfinished(kube, ns, name)) == 2
+
+
+def test_the_seed_search_plans_large_models_to_fit_before_the_trial_exists(
+    installed, operator, namespace: str
+) -> None:
+    """The seed's manifest narrowed to its large model: the medium mode's batch 32 does not fit a
+    24 GB GPU by the trainer's memory model, so the trial is created with a smaller micro-batch and
+    more accumulation (the same effective batch), and says so."""
+    kube, ns = installed, namespace
+    doc = yaml.safe_load((REPO / "examples" / "search-seed-36.yaml").read_text())
+    spec = doc["spec"]
+    spec["searchSpace"] = [
+        {"path": "model.size", "values": ["large"]},
+        {"path": "model.attention", "values": ["baseline"]},
+    ]
+    name = "seed-large"
+    create_search(kube, ns, name, spec)
+    fast = wait_new_trial(kube, ns, name, set())
+    assert fast["spec"]["training"]["batchSize"] == 16 and fast["spec"]["training"]["stepsPerEpoch"] == 50
+    succeed(kube, ns, fast["metadata"]["name"], 50, 5.0)
+    medium = wait_new_trial(kube, ns, name, {fast["metadata"]["name"]})
+    training = medium["spec"]["training"]
+    assert training["stepsPerEpoch"] == 200
+    assert training["batchSize"] < 32 and training["batchSize"] * training["gradientAccumulationSteps"] == 32
+    plan = json.loads(medium["metadata"]["annotations"]["kubearch.dev/trial-plan"])
+    assert "effective batch 32 kept" in plan["reason"]
+    record = next(
+        t for t in search_status(kube, ns, name)["trials"] if t["name"] == medium["metadata"]["name"]
+    )
+    assert record["message"].startswith("planned:") and record["plan"]["changed"] is True
