@@ -12,8 +12,12 @@ train: tiny CPU templates whose pods cannot be scheduled anywhere (``NEVER_SCHED
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,7 +219,7 @@ def test_a_value_the_trainingrun_refuses_is_named_and_no_trial_is_created(
 # trials
 # ------------------------------------------------------------------------------------------------
 def test_grid_trials_get_their_parameters_and_rungs_within_parallel_trials_and_are_ranked(
-    installed, operator, namespace: str
+    installed, operator, namespace: str, tmp_path: Path
 ) -> None:
     kube, ns, name = installed, namespace, "grid"
     spec = {
@@ -293,6 +297,20 @@ def test_grid_trials_get_their_parameters_and_rungs_within_parallel_trials_and_a
     assert status["bestTrial"]["objective"] == 1.9 and status["trialCounts"]["succeeded"] == 8
     table = kube.kubectl("get", "asearch", name, "-n", ns).stdout
     assert table.split("\n")[1].split()[1:6] == ["grid", "8", "8", "1.9", "Succeeded"]
+    # `kubearch report NAME` reads the search through the API and ranks it the same way.
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    kubearch = [sys.executable, "-c", "import sys; from kubearch_trainer.cli import main; main(sys.argv[1:])"]
+    proc = subprocess.run(
+        [*kubearch, "report", name, "-n", ns, "--output-dir", str(tmp_path), "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e["trial"] for e in report["leaderboard"]] == [e["trial"] for e in status["leaderboard"]]
+    assert "Rung 1 (8 steps)" in proc.stdout
     metrics = operator.metrics()
     assert (
         f'kubearch_operator_search_best_objective{{metric="valLoss",namespace="{ns}",search="{name}"}} 1.9'
