@@ -44,6 +44,7 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+
 def _rule(rule: str, message: str, field: str | None = None) -> dict[str, str]:
     """A CEL rule; ``fieldPath`` makes the API server name the field (``spec.data.seqLen``)."""
     out = {"rule": rule, "message": message}

@@ -18,6 +18,7 @@ so each rule is unit-tested without a cluster:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import datetime
@@ -145,6 +146,21 @@ def observe_trial(snapshot: dict[str, Any]) -> TrialObservation:
         message=message,
         exit_code=exit_code,
     )
+
+
+def refused_trial(name: str, message: str) -> TrialObservation:
+    """A trial whose TrainingRun the API server refused to create: failed, with its words."""
+    return TrialObservation(name=name, state="Failed", reason="TrialRefused", message=message[:1000])
+
+
+def api_message(body: Any) -> str:
+    """The ``message`` of a Kubernetes ``Status`` error body (JSON text), else the text itself."""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:1000]
+    return str(data.get("message") or text)[:1000] if isinstance(data, dict) else text[:1000]
 
 
 def observations(trials: list[dict[str, Any]], uid: str) -> dict[str, TrialObservation]:

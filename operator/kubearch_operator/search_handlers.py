@@ -104,6 +104,8 @@ class _SearchState:
     status: dict[str, Any] | None = None
     #: Trials this process created (or found to be ours) that the index may not show yet.
     created: set[str] = field(default_factory=set)
+    #: Trials the API server refused to create (name -> its message): observed as Failed.
+    refused: dict[str, str] = field(default_factory=dict)
     #: Inputs of the last pass that changed nothing; an event with the same inputs is skipped.
     fingerprint: str | None = None
     dirty: bool = False
@@ -258,9 +260,9 @@ def reconcile_search(
     if state.uid != uid:  # first pass, or a new search under a deleted one's name
         state.uid, state.status, state.fingerprint = uid, None, None
         state.created.clear()
+        state.refused.clear()
     stored = state.status if state.status is not None else search["status"]
-    fingerprint = repr((search["generation"], search["spec"], stored, trials))
-    if fingerprint == state.fingerprint:
+    if _fingerprint(search, stored, trials, state) == state.fingerprint:
         SEARCH_RECONCILES.labels(result="unchanged").inc()
         return None
     status = parse_search_status(stored)
@@ -273,23 +275,31 @@ def reconcile_search(
         new = sb.invalid_spec(status, str(err), now, generation)
         if _write_status(search, stored, new, state) and status.message != new.message:
             _post_event(search, "Warning", "InvalidSpec", str(err))
-        state.fingerprint = repr((generation, search["spec"], state.status, trials))
+        state.fingerprint = _fingerprint(search, state.status, trials, state)
         SEARCH_RECONCILES.labels(result="invalid").inc()
         return new
 
     observed = sb.observations(trials, uid)
     state.created -= observed.keys()
+    for trial_name, message in state.refused.items():
+        observed.setdefault(trial_name, sb.refused_trial(trial_name, message))
     decision = engine.step(name, spec, status, observed, now, generation=generation)
     new = sb.spec_accepted(decision.status, now)
     # Status first: every trial to create is recorded (Planned) before it exists.
     _write_status(search, stored, new, state)
-    created = 0
+    created = created_or_refused = 0
     for trial in decision.create:
         if trial.name in observed or trial.name in state.created:
             continue
-        _create_trial(search, trial)
+        refused = _create_trial(search, trial)
+        if refused is not None:  # fold it into the search now (another pass), not retried forever
+            state.refused[trial.name] = refused
+            state.dirty = True
+            created_or_refused += 1
+            continue
         state.created.add(trial.name)
         created += 1
+        created_or_refused += 1
     ours = {t["name"] for t in trials if sb.owned_by(t, uid) and not t["deleting"]}
     for trial_name in decision.stop:
         if trial_name in ours:
@@ -297,10 +307,17 @@ def reconcile_search(
     for type_, reason, message in decision.events:
         _post_event(search, type_, reason, message)
     SEARCH_TRIAL_CREATIONS.inc(created)
-    quiet = not (created or decision.stop or decision.events)
-    state.fingerprint = repr((generation, search["spec"], state.status, trials)) if quiet else None
+    quiet = not (created_or_refused or decision.stop or decision.events)
+    state.fingerprint = _fingerprint(search, state.status, trials, state) if quiet else None
     SEARCH_RECONCILES.labels(result="ok").inc()
     return new
+
+
+def _fingerprint(
+    search: dict[str, Any], status: dict[str, Any] | None, trials: list[dict[str, Any]], state: _SearchState
+) -> str:
+    """Everything a pass reads: equal fingerprints mean the pass would decide the same again."""
+    return repr((search["generation"], search["spec"], status, trials, sorted(state.refused.items())))
 
 
 def _write_status(
@@ -326,23 +343,30 @@ def _write_status(
     return True
 
 
-def _create_trial(search: dict[str, Any], trial: engine.TrialToCreate) -> None:
-    """Create the trial's TrainingRun; a 409 is fine only if the run there is this search's."""
+def _create_trial(search: dict[str, Any], trial: engine.TrialToCreate) -> str | None:
+    """Create the trial's TrainingRun; a 409 is fine only if the run there is this search's.
+
+    Returns the API server's message when it refuses the TrainingRun (422: e.g. a CEL rule of the
+    TrainingRun CRD that the search's validation does not know): that trial fails with reason
+    ``TrialRefused`` and the search goes on, instead of retrying an object that cannot exist.
+    """
     namespace, uid = search["namespace"], search["uid"]
     body = sb.trial_manifest(search["name"], namespace, uid, trial)
     custom = _clients["custom"]
     try:
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, RUN_PLURAL, body)
         log.info("search %s/%s: created trial %s", namespace, search["name"], trial.name)
-        return
+        return None
     except ApiException as err:
+        if err.status == 422:
+            message = f"the API server refused TrainingRun {trial.name}: {sb.api_message(err.body)}"
+            _post_event(search, "Warning", "TrialRefused", message)
+            return message
         if err.status != 409:
-            if err.status == 422:  # the API server refuses what the engine built: say so
-                _post_event(search, "Warning", "TrialRefused", f"trial {trial.name}: {err.body}"[:1000])
             raise
     existing = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, RUN_PLURAL, trial.name)
     if sb.owned_by(existing, uid):
-        return  # created by an earlier pass (or an operator that crashed after creating it)
+        return None  # created by an earlier pass (or an operator that crashed after creating it)
     message = f"trial {trial.name}: a TrainingRun of that name exists and belongs to something else"
     if not (existing.get("metadata") or {}).get("deletionTimestamp"):
         _post_event(search, "Warning", "TrialNameTaken", message)

@@ -12,13 +12,17 @@ train: tiny CPU templates whose pods cannot be scheduled anywhere (``NEVER_SCHED
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from controlplane import wait_for
+from controlplane import REPO, wait_for
 from test_operator_integration import NEVER_SCHEDULE, gone, set_pod
 
 GROUP, VERSION = "kubearch.dev", "v1alpha1"
@@ -215,7 +219,7 @@ def test_a_value_the_trainingrun_refuses_is_named_and_no_trial_is_created(
 # trials
 # ------------------------------------------------------------------------------------------------
 def test_grid_trials_get_their_parameters_and_rungs_within_parallel_trials_and_are_ranked(
-    installed, operator, namespace: str
+    installed, operator, namespace: str, tmp_path: Path
 ) -> None:
     kube, ns, name = installed, namespace, "grid"
     spec = {
@@ -293,6 +297,20 @@ def test_grid_trials_get_their_parameters_and_rungs_within_parallel_trials_and_a
     assert status["bestTrial"]["objective"] == 1.9 and status["trialCounts"]["succeeded"] == 8
     table = kube.kubectl("get", "asearch", name, "-n", ns).stdout
     assert table.split("\n")[1].split()[1:6] == ["grid", "8", "8", "1.9", "Succeeded"]
+    # `kubearch report NAME` reads the search through the API and ranks it the same way.
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    kubearch = [sys.executable, "-c", "import sys; from kubearch_trainer.cli import main; main(sys.argv[1:])"]
+    proc = subprocess.run(
+        [*kubearch, "report", name, "-n", ns, "--output-dir", str(tmp_path), "--no-plot"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e["trial"] for e in report["leaderboard"]] == [e["trial"] for e in status["leaderboard"]]
+    assert "Rung 1 (8 steps)" in proc.stdout
     metrics = operator.metrics()
     assert (
         f'kubearch_operator_search_best_objective{{metric="valLoss",namespace="{ns}",search="{name}"}} 1.9'
@@ -442,6 +460,16 @@ def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str)
         lambda: search_status(kube, ns, name).get("trialCounts", {}).get("created") == 2,
         what="the search to record both trials as created",
     )
+    # The namespace controller LISTs and DELETEs every resource of a namespace it empties: wait
+    # until earlier tests' namespaces are gone, so that the counts below are the operator's.
+    wait_for(
+        lambda: (
+            [n.metadata.name for n in kube.core.list_namespace(label_selector="kubearch.dev/test").items]
+            == [ns]
+        ),
+        timeout=120,
+        what="earlier test namespaces to be deleted",
+    )
     before = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))
     time.sleep(REST_WINDOW)
     after = (request_counts(kube, SEARCHES), request_counts(kube, RUNS))
@@ -449,3 +477,64 @@ def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str)
     assert not any(search_requests.values()), search_requests
     run_writes = {v: after[1].get(v, 0) - before[1].get(v, 0) for v in ("POST", "DELETE")}
     assert not any(run_writes.values()), run_writes
+
+
+def test_updates_apply_and_a_refused_update_leaves_running_trials_alone(
+    installed, operator, namespace: str
+) -> None:
+    kube, ns, name = installed, namespace, "edited"
+    space = [{"path": "training.learningRate", "values": [0.001, 0.002, 0.003]}]
+    create_search(kube, ns, name, {"trialTemplate": template(), "searchSpace": space})
+    first = wait_new_trial(kube, ns, name, set())
+    set_pod(kube, ns, f"{first['metadata']['name']}-master-0", "Running")
+
+    bad = [{"path": "training.learningRate", "values": [0.001, -1.0]}]  # a TrainingRun refuses lr <= 0
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SEARCHES, name, {"spec": {"searchSpace": bad}}
+    )
+    status = wait_for(
+        lambda: (s := search_status(kube, ns, name)) and cond(s, "SpecValid")["status"] == "False" and s,
+        what="SpecValid=False after the update",
+    )
+    assert "spec.searchSpace[0].values[1]" in cond(status, "SpecValid")["message"]
+    (still,) = trials(kube, ns, name)
+    assert still["metadata"]["uid"] == first["metadata"]["uid"]  # the running trial was left alone
+
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, SEARCHES, name, {"spec": {"searchSpace": space, "budget": {"parallelTrials": 2}}}
+    )
+    second = wait_new_trial(kube, ns, name, {first["metadata"]["name"]})  # the wider budget applies
+    assert params(second) != params(first)
+    status = search_status(kube, ns, name)
+    assert cond(status, "SpecValid")["status"] == "True"
+    assert len(unfinished(kube, ns, name)) == 2
+
+
+def test_the_seed_search_plans_large_models_to_fit_before_the_trial_exists(
+    installed, operator, namespace: str
+) -> None:
+    """The seed's manifest narrowed to its large model: the medium mode's batch 32 does not fit a
+    24 GB GPU by the trainer's memory model, so the trial is created with a smaller micro-batch and
+    more accumulation (the same effective batch), and says so."""
+    kube, ns = installed, namespace
+    doc = yaml.safe_load((REPO / "examples" / "search-seed-36.yaml").read_text())
+    spec = doc["spec"]
+    spec["searchSpace"] = [
+        {"path": "model.size", "values": ["large"]},
+        {"path": "model.attention", "values": ["baseline"]},
+    ]
+    name = "seed-large"
+    create_search(kube, ns, name, spec)
+    fast = wait_new_trial(kube, ns, name, set())
+    assert fast["spec"]["training"]["batchSize"] == 16 and fast["spec"]["training"]["stepsPerEpoch"] == 50
+    succeed(kube, ns, fast["metadata"]["name"], 50, 5.0)
+    medium = wait_new_trial(kube, ns, name, {fast["metadata"]["name"]})
+    training = medium["spec"]["training"]
+    assert training["stepsPerEpoch"] == 200
+    assert training["batchSize"] < 32 and training["batchSize"] * training["gradientAccumulationSteps"] == 32
+    plan = json.loads(medium["metadata"]["annotations"]["kubearch.dev/trial-plan"])
+    assert "effective batch 32 kept" in plan["reason"]
+    record = next(
+        t for t in search_status(kube, ns, name)["trials"] if t["name"] == medium["metadata"]["name"]
+    )
+    assert record["message"].startswith("planned:") and record["plan"]["changed"] is True

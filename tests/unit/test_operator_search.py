@@ -9,6 +9,7 @@ a lagging index.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,13 @@ import pytest
 from kubearch_operator import search_builders as sb
 from kubearch_operator import search_handlers as sh
 from kubearch_operator.search import engine
-from kubearch_operator.search.api import ArchitectureSearchStatus, TrialRecord, parse_search_status
+from kubearch_operator.search.api import (
+    ArchitectureSearchStatus,
+    LeaderboardEntry,
+    TrialCounts,
+    TrialRecord,
+    parse_search_status,
+)
 from kubernetes.client.rest import ApiException
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -208,6 +215,7 @@ def test_trial_counts_always_name_every_state() -> None:
 class FakeCustom:
     def __init__(self, calls: list[tuple[str, Any]], existing: dict[str, dict[str, Any]]) -> None:
         self.calls, self.existing = calls, existing
+        self.refuse: dict[str, str] = {}  # name -> the API server's message (422)
 
     def patch_namespaced_custom_object_status(self, g, v, ns, plural, name, body, **kw) -> None:
         assert kw["_content_type"] == "application/json-patch+json"
@@ -217,6 +225,10 @@ class FakeCustom:
         self.calls.append(("create", body))
         if body["metadata"]["name"] in self.existing:
             raise ApiException(status=409, reason="AlreadyExists")
+        if body["metadata"]["name"] in self.refuse:
+            err = ApiException(status=422, reason="Unprocessable Entity")
+            err.body = json.dumps({"kind": "Status", "message": self.refuse[body["metadata"]["name"]]})
+            raise err
 
     def get_namespaced_custom_object(self, g, v, ns, plural, name) -> dict[str, Any]:
         self.calls.append(("get", name))
@@ -388,3 +400,95 @@ def test_a_recreated_search_starts_from_its_own_status(api, steps) -> None:
     fresh["uid"] = "another-uid"
     sh.reconcile_search(fresh, [], state)
     assert steps[-1]["status"] == parse_search_status({})  # not the deleted namesake's status
+
+
+def test_a_trial_the_api_server_refuses_fails_with_its_message_instead_of_retrying(api, steps) -> None:
+    calls, _ = api
+    why = 'TrainingRun.kubearch.dev "s-0" is invalid: spec.resources.gpuType: Invalid value: "a b"'
+    sh._clients["custom"].refuse["s-0"] = why
+    state = sh._SearchState()
+    sh.reconcile_search(search(), [], state)  # no exception: nothing to retry
+    assert ("event", ("TrialRefused", f"the API server refused TrainingRun s-0: {why}")) in calls
+    assert state.dirty, "the refusal is folded in by another pass at once"
+    sh.reconcile_search(search(), [], state)
+    refused = steps[-1]["observed"]["s-0"]
+    assert (refused.state, refused.reason) == ("Failed", "TrialRefused") and why in refused.message
+    assert len([c for c in calls if c[0] == "create"]) == 1
+
+
+def test_api_message_reads_a_status_body() -> None:
+    assert (
+        sb.api_message(b'{"kind": "Status", "message": "spec.x: Invalid value"}') == "spec.x: Invalid value"
+    )
+    assert sb.api_message("not json") == "not json"
+    assert sb.api_message(None) == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------
+def samples(search_name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the search gauges that carries ``search=search_name``."""
+    out = {}
+    for gauge in (sh.SEARCH_TRIALS, sh.SEARCH_BEST, sh.SEARCH_TRIAL_OBJECTIVE, sh.SEARCH_LEADERBOARD):
+        for family in gauge.collect():
+            for s in family.samples:
+                if s.labels.get("search") == search_name:
+                    labels = tuple(
+                        sorted((k, v) for k, v in s.labels.items() if k not in ("search", "namespace"))
+                    )
+                    out[(s.name, labels)] = s.value
+    return out
+
+
+def finished(index: int, objective: float, rung: int = 0) -> TrialRecord:
+    return TrialRecord(
+        index=index,
+        name=f"m-{index:03d}",
+        config=index,
+        rung=rung,
+        steps=10,
+        state="Succeeded",
+        objective=objective,
+    )
+
+
+def entry(rank: int, index: int, objective: float) -> LeaderboardEntry:
+    return LeaderboardEntry(
+        rank=rank, trial=f"m-{index:03d}", config=index, rung=0, steps=10, objective=objective
+    )
+
+
+def test_gauges_follow_the_status_and_leave_with_the_search() -> None:
+    key = ("ns", "m")
+    state = sh._states.setdefault(key, sh._SearchState())
+    snap = search(name="m", spec={**SPEC, "objective": {"metric": "valLoss"}})
+    board = [entry(1, 1, 1.5), entry(2, 0, 2.0)]
+    status = ArchitectureSearchStatus(
+        phase="Running",
+        trials=[finished(0, 2.0), finished(1, 1.5), TrialRecord(index=2, name="m-002", config=2, steps=10)],
+        trial_counts=TrialCounts(total=3, succeeded=2, planned=1),
+        leaderboard=board,
+        best_trial=board[0],
+    )
+    try:
+        sh._export(snap, status, state)
+        got = samples("m")
+        assert got[("kubearch_operator_search_trials", (("state", "succeeded"),))] == 2
+        assert got[("kubearch_operator_search_trials", (("state", "failed"),))] == 0
+        assert got[("kubearch_operator_search_best_objective", (("metric", "valLoss"),))] == 1.5
+        objectives = {dict(k[1])["trial"]: v for k, v in got.items() if k[0].endswith("trial_objective")}
+        assert objectives == {"m-000": 2.0, "m-001": 1.5}  # the planned trial has no objective yet
+        ranks = {dict(k[1])["rank"]: dict(k[1])["trial"] for k in got if "leaderboard" in k[0]}
+        assert ranks == {"1": "m-001", "2": "m-000"}
+
+        status.leaderboard = [entry(1, 1, 1.5)]
+        status.trials = status.trials[1:]
+        sh._export(snap, status, state)
+        got = samples("m")
+        assert {dict(k[1])["trial"] for k in got if k[0].endswith("trial_objective")} == {"m-001"}
+        assert {dict(k[1])["rank"] for k in got if "leaderboard" in k[0]} == {"1"}
+    finally:
+        sh._forget(key)
+    assert samples("m") == {}
+    assert key not in sh._states

@@ -40,6 +40,11 @@ KOPF_NEEDS = {
     ("kubearch.dev", "trainingruns/finalizers", "update"): (
         "ownerReferences with blockOwnerDeletion need update on the owner's finalizers"
     ),
+    ("kubearch.dev", "architecturesearches", "list"): "kopf indexes ArchitectureSearches",
+    ("kubearch.dev", "architecturesearches", "watch"): "kopf indexes ArchitectureSearches",
+    ("kubearch.dev", "architecturesearches/finalizers", "update"): (
+        "trials' ownerReferences to their search set blockOwnerDeletion"
+    ),
     ("", "pods", "list"): "kopf watches the runs' pods",
     ("", "pods", "watch"): "kopf watches the runs' pods",
     ("", "events", "create"): "kopf posts events",
