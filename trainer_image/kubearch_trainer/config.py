@@ -253,8 +253,8 @@ class RegulationConfig(_Section):
 
     enabled: bool = False
     variance_threshold: float | None = Field(None, gt=0.0, le=1e6)
-    lambda_variance: float | None = Field(None, ge=0.0, le=1e6)
-    lambda_rate: float | None = Field(None, ge=0.0, le=1e6)
+    lambda_variance: float | None = Field(None, ge=0.0, le=1e9)
+    lambda_rate: float | None = Field(None, ge=0.0, le=1e9)
     adaptive_schedule: bool = True
     # transformers
     regulate_attention: bool = True
