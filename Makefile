@@ -14,10 +14,11 @@ controlplane:
 	bash tests/controlplane/build.sh
 	bash tests/helm/build-helm.sh
 
-## Regenerate the CRD from the pydantic models into manifests/ and the Helm chart.
+## Regenerate the CRDs from the pydantic models into manifests/ and the Helm chart.
 crds:
 	$(PYTHON) -m kubearch_operator.crd > manifests/crd-trainingrun.yaml
-	cp manifests/crd-trainingrun.yaml charts/kubearch/crds/crd-trainingrun.yaml
+	$(PYTHON) -m kubearch_operator.crd architecturesearch > manifests/crd-architecturesearch.yaml
+	cp manifests/crd-trainingrun.yaml manifests/crd-architecturesearch.yaml charts/kubearch/crds/
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -1,16 +1,18 @@
-"""Generate the TrainingRun CRD from the pydantic models: ``python -m kubearch_operator.crd``.
+"""Generate the CRDs from the pydantic models: ``python -m kubearch_operator.crd [architecturesearch]``.
 
 Why generated: the CRD's schema, the operator's validation and the trainer's config are then the
 same classes, and ``tests/unit/test_operator_crd.py`` fails when the checked-in
-``manifests/crd-trainingrun.yaml`` drifts from them.
+``manifests/crd-trainingrun.yaml`` or ``manifests/crd-architecturesearch.yaml`` drifts from them.
 
 Kubernetes wants a *structural* OpenAPI v3 schema, which pydantic's JSON Schema is not quite:
 ``$ref``s are inlined, ``Optional[X]`` (``anyOf: [X, null]``) becomes ``X`` + ``nullable``,
 ``additionalProperties: false`` is dropped (the API server prunes unknown fields and ``kubectl``'s
 strict field validation refuses them), JSON-Schema-2020 exclusive bounds become OpenAPI 3.0's
 boolean form, and titles go. Enums, minimum/maximum, patterns and defaults stay, so ``kubectl
-apply`` itself refuses ``size: huge``. Three training fields get no default on purpose: the GPU
-matrix fills them when the user leaves them out (see ``builders.plan_run``).
+apply`` itself refuses ``size: huge``. ``Any`` (a search's values, parameter maps, the algorithm's
+state) becomes ``x-kubernetes-preserve-unknown-fields``, the one untyped node a structural schema
+allows. Three training fields get no default on purpose: the GPU matrix fills them when the user
+leaves them out (see ``builders.plan_run``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS
 from pydantic.alias_generators import to_camel
 
 from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, TrainingRunSpec, TrainingRunStatus
+from .search.api import KIND as SEARCH_KIND
+from .search.api import KNOWN_GOALS, ArchitectureSearchSpec, ArchitectureSearchStatus
+from .search.api import PLURAL as SEARCH_PLURAL
+from .search.api import SHORT_NAMES as SEARCH_SHORT_NAMES
+from .search.api import SINGULAR as SEARCH_SINGULAR
 
 #: spec.training fields the GPU matrix chooses under ``resources.auto``: no schema default.
 MATRIX_FIELDS = frozenset({"batchSize", "gradientAccumulationSteps", "useAmp"})
@@ -141,10 +148,25 @@ NO_DEFAULT_TRAINING_FIELDS = frozenset({"warmupSteps"})
 SECTIONS = ("model", "data", "training", "resources", "runPolicy")
 
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
+#: Keywords that give a node a type (or lead to one); a node with none of them is ``Any``.
+_TYPED = ("type", "$ref", "anyOf", "allOf", "oneOf", "enum", "const", "properties")
+#: Keywords whose value is data (not a schema node) and is never translated.
+_VALUES = {"default", "enum", "examples", "x-kubernetes-validations"}
 
 
-def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
-    """Translate a pydantic JSON Schema node into a structural OpenAPI v3 schema node."""
+def _untyped(node: dict[str, Any]) -> bool:
+    """``Any`` (``{}``) or ``dict[str, Any]`` (``additionalProperties: true``) in pydantic's schema."""
+    if node.get("additionalProperties") is True and "properties" not in node:
+        return True
+    return not any(k in node for k in _TYPED)
+
+
+def to_openapi(node: Any, defs: dict[str, Any], path: str = "", *, partial: bool = False) -> Any:
+    """Translate a pydantic JSON Schema node into a structural OpenAPI v3 schema node.
+
+    ``partial``: ``node`` holds only the keywords next to an ``anyOf`` (description, default), not a
+    whole schema, so its lack of a type means nothing.
+    """
     if isinstance(node, list):
         return [to_openapi(n, defs, path) for n in node]
     if not isinstance(node, dict):
@@ -158,10 +180,23 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
         if len(options) != 1:
             raise ValueError(f"{path}: a union of {len(options)} types is not structural")
         rest = {k: v for k, v in node.items() if k != "anyOf"}
-        merged = {**to_openapi(options[0], defs, path), **to_openapi(rest, defs, path), "nullable": True}
+        merged = {
+            **to_openapi(options[0], defs, path),
+            **to_openapi(rest, defs, path, partial=True),
+            "nullable": True,
+        }
         if merged.get("default", 0) is None:
             del merged["default"]
         return merged
+    if not partial and _untyped(node):
+        # ``Any`` (a search value, a parameter map): no type, so the API server must keep what it
+        # gets rather than prune it. A node with this marker and no type is still structural.
+        node = {k: v for k, v in node.items() if k != "additionalProperties"}
+        out_any: dict[str, Any] = {k: v for k, v in node.items() if k not in _DROP}
+        if node.get("type") == "object" or "additionalProperties" in node:
+            out_any["type"] = "object"
+        out_any["x-kubernetes-preserve-unknown-fields"] = True
+        return out_any
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:
@@ -181,6 +216,8 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
             ((pattern, values),) = value.items()
             out["additionalProperties"] = to_openapi(values, defs, f"{path}[*]")
             out.setdefault("x-kubernetes-validations", []).append(_key_rule({"pattern": pattern}))
+        elif key in _VALUES:  # data, not schema: copied as is
+            out[key] = value
         else:
             out[key] = to_openapi(value, defs, f"{path}.{key}")
     additional = node.get("additionalProperties")
@@ -272,13 +309,178 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def render() -> str:
-    header = "# Generated by `python -m kubearch_operator.crd`; do not edit by hand.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=1000)
+# ------------------------------------------------------------------------------------------------
+# ArchitectureSearch
+# ------------------------------------------------------------------------------------------------
+SEARCH_PRINTER_COLUMNS = [
+    {"name": "Algorithm", "type": "string", "jsonPath": ".spec.algorithm.name"},
+    {
+        "name": "Succeeded",
+        "type": "integer",
+        "jsonPath": ".status.trialCounts.succeeded",
+        "description": "Trials (TrainingRuns) that finished successfully.",
+    },
+    {
+        "name": "Trials",
+        "type": "integer",
+        "jsonPath": ".status.trialCounts.total",
+        "description": "Trials planned or created so far (a configuration's rungs count once each).",
+    },
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestTrial.objective"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Best-Trial", "type": "string", "jsonPath": ".status.bestTrial.trial", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+#: Cross-field rules of a search parameter (mirrors ``SearchParameter._values_or_range``).
+SEARCH_PARAMETER_RULES = [
+    {"rule": "has(self.min) == has(self.max)", "message": "a range needs both min and max"},
+    {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "min must be below max"},
+    {
+        "rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0.0",
+        "message": "log: true needs min > 0",
+    },
+    {
+        "rule": "!has(self.log) || !self.log || !has(self.step)",
+        "message": "log and step exclude each other",
+    },
+    {
+        "rule": "has(self.min) || (!has(self.step) && !has(self.type) && (!has(self.log) || !self.log))",
+        "message": "log, step and type apply to ranges (min/max), not to values",
+    },
+]
+#: A parameter lists ``values`` or gives ``min`` and ``max``, never both (checked with the rules above).
+SEARCH_PARAMETER_ONE_OF = [{"required": ["values"]}, {"required": ["min", "max"]}]
+#: Cross-field rules of ``spec.algorithm`` (mirrors ``Algorithm``'s validators).
+SEARCH_ALGORITHM_RULES = [
+    {
+        "rule": "!has(self.rungOverrides) || size(self.rungOverrides) == 0 || "
+        "(has(self.rungs) && size(self.rungOverrides) == size(self.rungs))",
+        "message": "rungOverrides needs one entry per rung (as many entries as rungs)",
+        "fieldPath": ".rungOverrides",
+    },
+    {
+        "rule": "!has(self.name) || self.name != 'asha' || (has(self.rungs) && size(self.rungs) >= 2)",
+        "message": "asha needs at least two rungs (training steps), e.g. rungs: [50, 200]",
+        "fieldPath": ".rungs",
+    },
+    {
+        "rule": "!has(self.rungs) || self.rungs.isSorted()",
+        "message": "rungs must be increasing training steps, e.g. [50, 200]",
+        "fieldPath": ".rungs",
+    },
+]
 
 
-def main() -> int:
-    sys.stdout.write(render())
+def _objective_rules() -> list[dict[str, str]]:
+    known = ", ".join(f"'{m}'" for m in KNOWN_GOALS)
+    return [
+        {
+            "rule": f"has(self.goal) || !has(self.metric) || self.metric in [{known}]",
+            "message": "goal: this metric has no implied direction; set goal to minimize or maximize",
+            "fieldPath": ".goal",
+        }
+    ]
+
+
+def search_spec_schema() -> dict[str, Any]:
+    """``spec`` of an ArchitectureSearch; ``trialTemplate`` is the TrainingRun spec schema itself."""
+    schema = _schema(ArchitectureSearchSpec, "validation")
+    props = schema["properties"]
+    template = spec_schema()
+    template["description"] = props["trialTemplate"].get(
+        "description", "The TrainingRun spec every trial starts from."
+    )
+    props["trialTemplate"] = template
+    space = props["searchSpace"]
+    # One entry per path: the API server refuses a duplicate path with the path named.
+    space["x-kubernetes-list-type"] = "map"
+    space["x-kubernetes-list-map-keys"] = ["path"]
+    space["items"]["x-kubernetes-validations"] = SEARCH_PARAMETER_RULES
+    # values XOR a range. CEL cannot see ``values`` (its items are untyped, so the field has no CEL
+    # type); a structural oneOf of required fields can, and the CEL rule above pairs min with max.
+    space["items"]["oneOf"] = SEARCH_PARAMETER_ONE_OF
+    algorithm = props["algorithm"]
+    algorithm["x-kubernetes-validations"] = SEARCH_ALGORITHM_RULES
+    # Rungs are distinct training steps (with isSorted() above: strictly increasing).
+    rungs = algorithm["properties"]["rungs"]
+    rungs["x-kubernetes-list-type"] = "set"
+    rungs["items"]["minimum"] = 1
+    props["objective"]["x-kubernetes-validations"] = _objective_rules()
+    return schema
+
+
+def build_search_crd() -> dict[str, Any]:
+    """The ArchitectureSearch CRD (``kubectl get asearch``)."""
+    spec = search_spec_schema()
+    spec["description"] = (
+        "A search: trials are TrainingRuns made from trialTemplate with searchSpace's values, "
+        "chosen by algorithm within budget and ranked by objective."
+    )
+    status = _schema(ArchitectureSearchStatus, "serialization")
+    status["description"] = "Written by the kubearch operator (or `kubearch search` locally)."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{SEARCH_PLURAL}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubearch"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": SEARCH_KIND,
+                "listKind": f"{SEARCH_KIND}List",
+                "plural": SEARCH_PLURAL,
+                "singular": SEARCH_SINGULAR,
+                "shortNames": list(SEARCH_SHORT_NAMES),
+                "categories": ["kubearch"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": SEARCH_PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An architecture search run as child TrainingRuns (trials).",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            "required": ["spec"],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+#: ``python -m kubearch_operator.crd [NAME]``: which CRD to print (default: trainingrun).
+CRDS = {"trainingrun": build_crd, "architecturesearch": build_search_crd}
+
+
+def render(name: str = "trainingrun") -> str:
+    command = "python -m kubearch_operator.crd" + ("" if name == "trainingrun" else f" {name}")
+    header = f"# Generated by `{command}`; do not edit by hand.\n"
+    return header + yaml.safe_dump(CRDS[name](), sort_keys=False, width=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "trainingrun"
+    if name not in CRDS or len(args) > 1:
+        sys.stderr.write(f"usage: python -m kubearch_operator.crd [{'|'.join(CRDS)}]\n")
+        return 2
+    sys.stdout.write(render(name))
     return 0
 
 

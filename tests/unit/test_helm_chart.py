@@ -68,7 +68,7 @@ def test_chart_crds_equal_the_generated_manifests() -> None:
     chart_crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
     manifest_crds = {
         d["metadata"]["name"]: d
-        for name in ("crd-trainingrun.yaml", "peering.yaml")
+        for name in ("crd-trainingrun.yaml", "crd-architecturesearch.yaml", "peering.yaml")
         for d in by_kind(manifest_docs(name), "CustomResourceDefinition")
     }
     assert chart_crds == manifest_crds
@@ -162,6 +162,7 @@ def test_dashboards_are_valid_and_query_only_real_metrics() -> None:
     assert {m["metadata"]["name"] for m in maps} == {
         "kubearch-dashboard-kubearch-training",
         "kubearch-dashboard-kubearch-operator",
+        "kubearch-dashboard-kubearch-search",
     }
     exported = _exported_sample_names()
     for cm in maps:
