@@ -48,9 +48,6 @@ KOPF_NEEDS = {
     ("", "pods", "list"): "kopf watches the runs' pods",
     ("", "pods", "watch"): "kopf watches the runs' pods",
     ("", "events", "create"): "kopf posts events",
-    ("kubearch.dev", "architecturesearches/finalizers", "update"): (
-        "trials (TrainingRuns) carry an ownerReference with blockOwnerDeletion to their search"
-    ),
     ("events.k8s.io", "events", "create"): "events through the events.k8s.io API",
 }
 
