@@ -145,7 +145,6 @@ def _load_kube_config() -> None:
         kubernetes.config.load_kube_config()
     config = kubernetes.client.Configuration.get_default_copy()
     config.connection_pool_maxsize = max(config.connection_pool_maxsize or 0, WORKERS * 2)
-    config.retries = 0  # no silent urllib3 retries: the work queue backs off and logs once
     api = kubernetes.client.ApiClient(config)
     _clients.update(
         api=api, core=kubernetes.client.CoreV1Api(api), custom=kubernetes.client.CustomObjectsApi(api)
@@ -419,7 +418,12 @@ async def _process(key: RunKey, queue: WorkQueue, loop: asyncio.AbstractEventLoo
         _index_values("kubearch_configmaps", key),
     )
     outcome = await loop.run_in_executor(_state.pool, reconcile_run, snap)
-    if outcome.written is not None:
+    cached = _state.runs.get(key)  # None if the run was deleted during the pass: keep it gone
+    if (
+        outcome.written is not None
+        and cached is not None
+        and cached["metadata"]["uid"] == run["metadata"]["uid"]
+    ):
         _store_run(key, outcome.written)
     if outcome.gone:
         queue.drop(key)
@@ -608,7 +612,7 @@ def _owned(obj: dict[str, Any], uid: str) -> bool:
 def _create(kind: str, create: Any, namespace: str, body: dict[str, Any]) -> bool:
     """Create; False on 409. A refusal (400/413/422) raises :class:`Refused` naming the object."""
     try:
-        create(namespace, body, _preload_content=False)  # the response is not needed: no parsing
+        _release(create(namespace, body, _preload_content=False))  # no parsing of the response
         return True
     except ApiException as err:
         if err.status == 409:
@@ -618,6 +622,17 @@ def _create(kind: str, create: Any, namespace: str, body: dict[str, Any]) -> boo
                 refusals.describe_refusal(kind, body["metadata"]["name"], err.status, err.body)
             ) from None
         raise
+
+
+def _release(response: Any) -> None:
+    """Read an unparsed response to its end and hand its connection back to the pool.
+
+    Without this, ``_preload_content=False`` leaves the connection busy and the next request
+    opens a new TLS connection: a handshake per request, for the operator and the API server.
+    """
+    if hasattr(response, "release_conn"):
+        response.read()
+        response.release_conn()
 
 
 def _delete(delete: Any, name: str, namespace: str, uid: str | None = None) -> None:
@@ -722,8 +737,10 @@ def _ensure_children(snap: Snapshot, spec: Any, plan: builders.RunPlan, decision
         and cached["data"] != _digest(configmap()["data"])
     ):
         try:
-            _clients["core"].patch_namespaced_config_map(
-                cm_name, namespace, {"data": configmap()["data"]}, _preload_content=False
+            _release(
+                _clients["core"].patch_namespaced_config_map(
+                    cm_name, namespace, {"data": configmap()["data"]}, _preload_content=False
+                )
             )
         except ApiException as err:
             if refusals.is_refused(err.status):
@@ -804,7 +821,7 @@ def _post_event(run: dict[str, Any], type_: str, reason: str, message: str) -> N
         "count": 1,
     }
     try:
-        _clients["core"].create_namespaced_event(meta["namespace"], body, _preload_content=False)
+        _release(_clients["core"].create_namespaced_event(meta["namespace"], body, _preload_content=False))
     except ApiException as err:  # events are best effort
         log.warning("could not post event %s: %s", reason, err.reason)
 

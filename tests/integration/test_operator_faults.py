@@ -248,6 +248,28 @@ def test_deleting_a_run_completes_while_the_operator_is_down(installed, operator
         operator.start()
 
 
+def test_the_finalizer_of_an_older_operator_version_is_removed(installed, operator, namespace: str) -> None:
+    """Runs created under the daemon-based operator carry kopf's finalizer; the watch-driven one
+    needs none and lets kopf take it off, so those runs become deletable without an operator."""
+    kube, ns, run = installed, namespace, "legacy"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingRun",
+        "metadata": {"name": run, "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+        "spec": spec(nodes=1),
+    }
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for(
+        lambda: (
+            not kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run)["metadata"].get(
+                "finalizers"
+            )
+        ),
+        timeout=30,
+        what="kopf's legacy finalizer removed",
+    )
+
+
 def test_a_spec_larger_than_the_annotation_limit_is_handled(installed, operator, namespace: str) -> None:
     """kopf used to copy the spec into an annotation (256 KiB limit for all of them): a 300 KB
     spec made every handling of the run fail. No copy of the spec is kept on the run now."""
