@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def run_key(_type: str, run: dict[str, Any]) -> dict[str, Any]:
             st = run.get("status") or {}
-            return {run["metadata"]["name"]: (st.get("phase"), st.get("restartCount", 0))}
+            seen = bool(st.get("replicaStatuses"))
+            return {run["metadata"]["name"]: (st.get("phase"), st.get("restartCount", 0), seen)}
 
         pod_watch = Watcher(
             core.list_namespaced_pod, pod_key, NAMESPACE, label_selector="app.kubernetes.io/name=kubearch"
@@ -376,17 +377,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "all Running",
             )
             print(f"all Running after {result['all_running_s']} s", flush=True)
-        else:
-            wait_until(
-                lambda: all((run_watch.latest.get(n) or (None,))[0] == "Created" for n in names),
-                "all Created",
+        # Settled: every run's status shows its pod (replicaStatuses), i.e. the operator has
+        # handled the pod events too, not only written the first status.
+        want = "Running" if args.kwok else "Created"
+
+        def settled() -> bool:
+            return all(
+                (run_watch.latest.get(n) or (None, 0, False))[0] == want and run_watch.latest[n][2]
+                for n in names
             )
+
+        result["settled_s"] = wait_until(settled, "all statuses to show their pods")
+        print(f"settled after {result['settled_s']} s", flush=True)
         text = scrape(op_port)
         buckets, total, count = histogram(text, "kubearch_operator_reconcile_duration_seconds")
         result["reconcile_passes"] = int(count)
         result["reconcile_mean_s"] = round(total / count, 4) if count else None
         result["reconcile_p50_le_s"] = quantile_bound(buckets, 0.5)
         result["reconcile_p99_le_s"] = quantile_bound(buckets, 0.99)
+        cpu_buckets, cpu_total, cpu_count = histogram(text, "kubearch_operator_reconcile_cpu_seconds")
+        if cpu_count:  # the operator's own CPU work per pass (AFTER only: BEFORE has no such metric)
+            result["reconcile_cpu_mean_s"] = round(cpu_total / cpu_count, 4)
+            result["reconcile_cpu_p50_le_s"] = quantile_bound(cpu_buckets, 0.5)
+            result["reconcile_cpu_p99_le_s"] = quantile_bound(cpu_buckets, 0.99)
+        _, qt, qc = histogram(text, "kubearch_operator_queue_wait_seconds")
+        if qc:
+            result["queue_wait_mean_s"] = round(qt / qc, 3)
 
         if args.restarts > 0:
             victims = names[: max(1, int(args.runs * args.restarts))]
@@ -425,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             done = None
             while time.monotonic() < deadline:
                 if all(
-                    (run_watch.latest.get(n) or (None, 0))[1] >= 1 and run_watch.latest[n][0] == want
+                    (run_watch.latest.get(n) or (None, 0, False))[1] >= 1 and run_watch.latest[n][0] == want
                     for n in victims
                 ):
                     done = round(time.monotonic() - t1, 1)

@@ -9,6 +9,7 @@ of a condition; the only sleep is the outage's own length.
 from __future__ import annotations
 
 import re
+import signal
 from typing import Any
 
 import pytest
@@ -247,6 +248,28 @@ def test_deleting_a_run_completes_while_the_operator_is_down(installed, operator
         operator.start()
 
 
+def test_the_finalizer_of_an_older_operator_version_is_removed(installed, operator, namespace: str) -> None:
+    """Runs created under the daemon-based operator carry kopf's finalizer; the watch-driven one
+    needs none and lets kopf take it off, so those runs become deletable without an operator."""
+    kube, ns, run = installed, namespace, "legacy"
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingRun",
+        "metadata": {"name": run, "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+        "spec": spec(nodes=1),
+    }
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for(
+        lambda: (
+            not kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, run)["metadata"].get(
+                "finalizers"
+            )
+        ),
+        timeout=30,
+        what="kopf's legacy finalizer removed",
+    )
+
+
 def test_a_spec_larger_than_the_annotation_limit_is_handled(installed, operator, namespace: str) -> None:
     """kopf used to copy the spec into an annotation (256 KiB limit for all of them): a 300 KB
     spec made every handling of the run fail. No copy of the spec is kept on the run now."""
@@ -290,3 +313,27 @@ def test_api_server_outage_is_logged_once_and_new_runs_get_pods_after_it(
     # kopf's watch streams (a handful of resources) retry with back-off; the ten runs add nothing.
     assert len(lines) < 60, "\n".join(lines[-80:])
     assert not any("idle-" in ln for ln in lines), "\n".join(ln for ln in lines if "idle-" in ln)
+
+
+def test_sigkills_while_runs_are_created_leave_no_duplicate_or_missing_children(
+    installed, operator, namespace: str
+) -> None:
+    """Kill -9 the operator three times while 30 runs are being created and reconciled: every run
+    ends with exactly its pod, Service and ConfigMap, each owned by it."""
+    kube, ns = installed, namespace
+    names = [f"killed-{i:02d}" for i in range(30)]
+    for batch in range(3):
+        for n in names[batch * 10 : (batch + 1) * 10]:
+            create_run(kube, ns, n, spec(nodes=1))
+        operator.stop(signal.SIGKILL)
+        operator.start()
+
+    def complete() -> bool:
+        for n in names:
+            uid = uid_of(kube, ns, n)
+            found = pods(kube, ns, n, live=False)
+            if len(found) != 1 or owner_uids(found[0]) != [uid] or not children_owned_by(kube, ns, n, uid):
+                return False
+        return True
+
+    wait_for(complete, timeout=90, interval=0.5, what="one pod, Service and ConfigMap per run")
