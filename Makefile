@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install controlplane crds lint test test-unit compare
+.PHONY: install controlplane crds lint test test-unit compare images node test-node kind-e2e
 
 ## Install the package with every extra (idempotent: pip skips what is already there).
 install:
@@ -13,6 +13,34 @@ install:
 controlplane:
 	bash tests/controlplane/build.sh
 	bash tests/helm/build-helm.sh
+
+## Container images kubearch/operator and kubearch/trainer from a wheelhouse (images/build.sh;
+## cached by a hash of their inputs). IMAGE_BASE=local builds a Debian base with debootstrap
+## instead of pulling python:3.11-slim (what the tests use: no registry is reachable in CI).
+IMAGE_BASE ?= python:3.11-slim
+images:
+	BASE=$(IMAGE_BASE) PYTHON=$(PYTHON) bash images/build.sh
+
+## A real node for the test cluster: docker.io/containerd/CNI from Debian, kubelet + CoreDNS +
+## pause built from source (cached under ~/.cache/kubearch/node).
+node: controlplane
+	bash tests/e2e/setup-docker.sh
+	bash tests/e2e/build-node.sh
+
+## End to end on the built images and a real kubelet + containerd node (tests/e2e, marker `node`).
+test-node: install node
+	$(MAKE) images IMAGE_BASE=local
+	$(PYTHON) -m pytest -q -ra --durations=15 --node tests/e2e
+
+## The same end-to-end tests against a kind cluster (needs internet: kind pulls its node image).
+KIND ?= kind
+kind-e2e: install
+	$(MAKE) images
+	$(KIND) get clusters | grep -qx kubearch-e2e || $(KIND) create cluster --name kubearch-e2e
+	. $$HOME/.cache/kubearch/images/current.env && \
+	  $(KIND) load docker-image --name kubearch-e2e "$$KUBEARCH_OPERATOR_IMAGE" "$$KUBEARCH_TRAINER_IMAGE"
+	KUBECONFIG=$$($(KIND) get kubeconfig-path --name kubearch-e2e 2>/dev/null || echo $$HOME/.kube/config) \
+	  $(PYTHON) -m pytest -q -ra --node --cluster tests/e2e
 
 ## Regenerate the CRD from the pydantic models into manifests/ and the Helm chart.
 crds:
