@@ -56,8 +56,15 @@ API_SERVICE_IP = "10.96.0.1"  # the first address of the control plane's service
 CNI_BIN = Path("/usr/lib/cni")
 STATE = Path(os.environ.get("KUBEARCH_NODE_STATE", "/var/lib/kubearch-node"))
 PAUSE_IMAGE = "docker.io/kubearch/pause:" + pinned_version()
-#: The controllers the real node needs on top of the integration tests' set.
-NODE_CONTROLLERS = ("endpointslice", "root-ca-cert-publisher", "persistentvolume-binder")
+#: The controllers the real node needs on top of the integration tests' set (the chart installs a
+#: Deployment; cluster DNS needs EndpointSlices; projected tokens need kube-root-ca.crt; PVCs bind).
+NODE_CONTROLLERS = (
+    "endpointslice",
+    "root-ca-cert-publisher",
+    "persistentvolume-binder",
+    "deployment",
+    "replicaset",
+)
 #: Host packages that provide containerd, runc, ctr and the CNI plugins.
 HOST_BINARIES = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "iptables", "ip")
 

@@ -137,10 +137,21 @@ def write_corpus(path: Path) -> str:
 
 def test_operator_runs_as_a_pod_under_its_service_account(cluster, operator) -> None:
     pod = cluster.core.read_namespaced_pod(operator, "kubearch-system")
-    assert pod.spec.service_account_name == "kubearch"
     assert pod.spec.node_name == cluster.node.name
     assert pod.status.container_statuses[0].image_id  # containerd ran the imported image
     assert pod.status.container_statuses[0].restart_count == 0
+    account = cluster.core.read_namespaced_service_account(pod.spec.service_account_name, "kubearch-system")
+    assert account.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
+    # The operator talks to the API server under that account from inside the cluster: kopf
+    # records itself as a peer in the chart's ClusterKopfPeering.
+    peers = wait_for(
+        lambda: cluster.custom.get_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", "kubearch"
+        ).get("status"),
+        timeout=60,
+        what="the operator's entry in its ClusterKopfPeering",
+    )
+    assert any(operator in peer for peer in peers), peers  # keys: <peering>@<pod name>/<start>/...
 
 
 def test_two_containers_rendezvous_over_cluster_dns_train_on_volume_data_and_succeed(
