@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install controlplane crds lint test test-unit compare images node test-node kind-e2e
+.PHONY: install controlplane crds lint test test-unit compare images images-local node test-node kind-e2e
 
 ## Install the package with every extra (idempotent: pip skips what is already there).
 install:
@@ -21,6 +21,9 @@ IMAGE_BASE ?= python:3.11-slim
 images:
 	BASE=$(IMAGE_BASE) PYTHON=$(PYTHON) bash images/build.sh
 
+images-local:
+	$(MAKE) images IMAGE_BASE=local
+
 ## A real node for the test cluster: docker.io/containerd/CNI from Debian, kubelet + CoreDNS +
 ## pause built from source (cached under ~/.cache/kubearch/node).
 node: controlplane
@@ -28,8 +31,7 @@ node: controlplane
 	bash tests/e2e/build-node.sh
 
 ## End to end on the built images and a real kubelet + containerd node (tests/e2e, marker `node`).
-test-node: install node
-	$(MAKE) images IMAGE_BASE=local
+test-node: install node images-local
 	$(PYTHON) -m pytest -q -ra --durations=15 --node tests/e2e
 
 ## The same end-to-end tests against a kind cluster (needs internet: kind pulls its node image).
@@ -51,9 +53,10 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
-## The whole suite: lint, unit tests, integration tests against a real API server.
-test: install controlplane lint
-	$(PYTHON) -m pytest -q -ra --durations=15
+## The whole suite: lint, unit tests, integration tests against a real API server, and the
+## end-to-end tests on the built images and a real kubelet + containerd node (--node).
+test: install controlplane lint node images-local
+	$(PYTHON) -m pytest -q -ra --durations=15 --node
 
 test-unit: install lint
 	$(PYTHON) -m pytest -q -ra tests/unit

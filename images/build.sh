@@ -92,7 +92,9 @@ for target in "${TARGETS[@]}"; do
     continue
   fi
   if [[ -z "$(ls "$app")" ]]; then
-    "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$app" "$REPO" >&2
+    # The host's setuptools if it can build wheels (offline), else an isolated build env.
+    "$PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$app" "$REPO" >&2 \
+      || "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$app" "$REPO" >&2
     rm -rf "$REPO/build" "$REPO"/*.egg-info "$REPO"/*/*.egg-info
   fi
   ctx="$(mktemp -d "$OUT/ctx.XXXXXX")"
@@ -102,6 +104,9 @@ for target in "${TARGETS[@]}"; do
   "$DOCKER" build --quiet --target "$target" --build-arg "BASE=$BASE" -f "$REPO/Dockerfile" \
     -t "$tag" -t "kubearch/$target:dev" "$ctx" >/dev/null
   rm -rf "$ctx"
+  # Older builds of this image: drop their tags (their shared layers stay, the rest is freed).
+  "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}' "kubearch/$target" \
+    | grep -vx -e "$tag" -e "kubearch/$target:dev" | xargs -r "$DOCKER" rmi >/dev/null || true
   log "built $tag: $("$DOCKER" image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
 done
 

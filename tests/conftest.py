@@ -32,5 +32,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "cluster" in item.keywords and not config.getoption("--cluster"):
             item.add_marker(pytest.mark.skip(reason="needs --cluster and a KUBECONFIG (kind)"))
-        if "node" in item.keywords and not config.getoption("--node"):
+        if item.get_closest_marker("node") and not config.getoption("--node"):
             item.add_marker(pytest.mark.skip(reason="opt-in: `make test-node` (pytest --node tests/e2e)"))

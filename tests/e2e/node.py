@@ -260,6 +260,13 @@ state = "{self.workdir / "containerd-state"}"
             save.wait()
         if save.returncode != 0:
             raise RuntimeError(f"docker save {ref} failed ({save.returncode})")
+        # Earlier builds of the same image (another tag of the repository) only take disk space.
+        repository = ref.rsplit(":", 1)[0]
+        repository = repository if repository.count("/") >= 2 else f"docker.io/{repository}"
+        stale = [r for r in self.ctr("images", "ls", "-q").stdout.split() if r.startswith(f"{repository}:")]
+        stale = [r for r in stale if r != (ref if ref.count("/") >= 2 else f"docker.io/{ref}")]
+        if stale:
+            self.ctr("images", "rm", *stale, check=False)
 
     def _import_pause(self) -> None:
         """The sandbox image: a one-file image of the statically linked pause binary."""
