@@ -38,11 +38,13 @@ test-node: install node images-local
 KIND ?= kind
 kind-e2e: install
 	$(MAKE) images
-	$(KIND) get clusters | grep -qx kubearch-e2e || $(KIND) create cluster --name kubearch-e2e
+	mkdir -p /tmp/kubearch-e2e
+	$(KIND) get clusters | grep -qx kubearch-e2e || \
+	  $(KIND) create cluster --name kubearch-e2e --config tests/e2e/kind.yaml
 	. $$HOME/.cache/kubearch/images/current.env && \
 	  $(KIND) load docker-image --name kubearch-e2e "$$KUBEARCH_OPERATOR_IMAGE" "$$KUBEARCH_TRAINER_IMAGE"
-	KUBECONFIG=$$($(KIND) get kubeconfig-path --name kubearch-e2e 2>/dev/null || echo $$HOME/.kube/config) \
-	  $(PYTHON) -m pytest -q -ra --node --cluster tests/e2e
+	$(KIND) get kubeconfig --name kubearch-e2e > /tmp/kubearch-e2e/kubeconfig
+	KUBECONFIG=/tmp/kubearch-e2e/kubeconfig $(PYTHON) -m pytest -q -ra --node --cluster tests/e2e
 
 ## Regenerate the CRD from the pydantic models into manifests/ and the Helm chart.
 crds:

@@ -117,4 +117,7 @@ for target in "${!TAGS[@]}"; do
   echo "KUBEARCH_$(tr a-z A-Z <<<"$target")_IMAGE=${TAGS[$target]}" >>"$OUT/current.env.new"
   mv "$OUT/current.env.new" "$OUT/current.env"
 done
+grep -v '^DOCKER_HOST=' "$OUT/current.env" >"$OUT/current.env.new" || true
+echo "DOCKER_HOST=$DOCKER_HOST" >>"$OUT/current.env.new"
+mv "$OUT/current.env.new" "$OUT/current.env"
 cat "$OUT/current.env"

@@ -37,7 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGES_ENV = (
     Path(os.environ.get("KUBEARCH_CACHE", Path.home() / ".cache" / "kubearch")) / "images" / "current.env"
 )
-DOCKER_HOST = os.environ.get("KUBEARCH_DOCKER_HOST", "unix:///var/lib/kubearch-docker/docker.sock")
 OPERATOR_NAMESPACE = "kubearch-system"
 RELEASE = "kubearch"
 
@@ -79,18 +78,20 @@ class Images:
 @pytest.fixture(scope="session")
 def images() -> Images:
     """The images of the last ``make images`` (tags from ~/.cache/kubearch/images/current.env)."""
-    docker = shutil.which("/usr/bin/docker") or shutil.which("docker")
-    env = {**os.environ, "DOCKER_HOST": DOCKER_HOST}
-    missing = []
-    if docker is None:
-        missing.append("docker (bash tests/e2e/setup-docker.sh)")
-    elif subprocess.run([docker, "version"], capture_output=True, env=env).returncode != 0:
-        missing.append(f"a running dockerd at {DOCKER_HOST} (bash tests/e2e/setup-docker.sh)")
     tags = {}
     if IMAGES_ENV.exists():
         for line in IMAGES_ENV.read_text().splitlines():
             key, _, value = line.partition("=")
             tags[key] = value
+    # The daemon that built the images (images/build.sh records it).
+    docker_host = tags.get("DOCKER_HOST", "unix:///var/lib/kubearch-docker/docker.sock")
+    docker = shutil.which("/usr/bin/docker") or shutil.which("docker")
+    env = {**os.environ, "DOCKER_HOST": docker_host}
+    missing = []
+    if docker is None:
+        missing.append("docker (bash tests/e2e/setup-docker.sh)")
+    elif subprocess.run([docker, "version"], capture_output=True, env=env).returncode != 0:
+        missing.append(f"a running dockerd at {docker_host} (bash tests/e2e/setup-docker.sh)")
     for name in ("OPERATOR", "TRAINER"):
         tag = tags.get(f"KUBEARCH_{name}_IMAGE")
         if not tag:
@@ -106,11 +107,34 @@ def images() -> Images:
 
 
 # ------------------------------------------------------------------------------------ cluster
+KIND_HOSTPATH = Path("/tmp/kubearch-e2e")  # mounted at the same path in kind's node (kind.yaml)
+
+
+@dataclass
+class KindNode:
+    """``--cluster`` (``make kind-e2e``): the kind node container stands in for :class:`RealNode`."""
+
+    name: str
+    kubeconfig: Path
+    kubectl_bin: str
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            ["docker", "exec", self.name, "ctr", "-n", "k8s.io", *args], capture_output=True, text=True
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ctr {' '.join(args)} on {self.name} failed:\n{proc.stderr}")
+        return proc
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return ""
+
+
 @dataclass
 class Cluster:
-    """The control plane + the real node, with kubectl and python clients (admin)."""
+    """The control plane + the real node (or a kind cluster), with kubectl and python clients."""
 
-    node: RealNode
+    node: RealNode | KindNode
     images: Images
     core: Any = field(init=False)
     custom: Any = field(init=False)
@@ -126,13 +150,17 @@ class Cluster:
 
     @property
     def kubeconfig(self) -> Path:
-        return self.node.plane.kubeconfig
+        return self.node.kubeconfig if isinstance(self.node, KindNode) else self.node.plane.kubeconfig
+
+    @property
+    def kubectl_bin(self) -> str:
+        return self.node.kubectl_bin if isinstance(self.node, KindNode) else self.node.plane.kubectl
 
     def kubectl(
         self, *args: str, check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [self.node.plane.kubectl, f"--kubeconfig={self.kubeconfig}", *args],
+            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
             input=stdin, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if check and proc.returncode != 0:
@@ -141,7 +169,23 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    images: Images, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    if request.config.getoption("--cluster"):  # make kind-e2e: images already `kind load`ed
+        kubeconfig = Path(os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config")))
+        kubectl = shutil.which("kubectl")
+        if not kubectl or not kubeconfig.exists():
+            pytest.fail(f"--cluster needs kubectl on PATH and a kubeconfig ({kubeconfig})")
+        nodes = subprocess.run(
+            [kubectl, f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "name"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if len(nodes) != 1:
+            pytest.fail(f"--cluster expects a one-node kind cluster (tests/e2e/kind.yaml), found {nodes}")
+        yield Cluster(KindNode(nodes[0].removeprefix("node/"), kubeconfig, kubectl), images)
+        return
     missing = [f"{b} in {binary_dir()} (bash tests/controlplane/build.sh)" for b in missing_binaries()]
     missing += [
         f"{b} in {binary_dir()} (bash tests/controlplane/build.sh)"
@@ -180,7 +224,8 @@ def operator(cluster: Cluster) -> Iterator[str]:
         "--set", "operator.image.pullPolicy=Never", "--set", "operator.resyncSeconds=1",
     )  # fmt: skip
     # The garbage collector must watch TrainingRuns: start it once the chart's CRDs exist.
-    cluster.node.plane.start_controller_manager()
+    if isinstance(cluster.node, RealNode):
+        cluster.node.plane.start_controller_manager()
 
     def ready_pod() -> str | None:
         pods = cluster.core.list_namespaced_pod(
@@ -201,6 +246,16 @@ def operator(cluster: Cluster) -> Iterator[str]:
     yield name
     print("\n--- operator log (tail) ---\n" + cluster.kubectl(
         "logs", "-n", OPERATOR_NAMESPACE, name, "--tail=30", check=False).stdout)  # fmt: skip
+
+
+@pytest.fixture
+def host_dir(cluster: Cluster, tmp_path: Path) -> Path:
+    """A directory the node can mount as a hostPath and the test can read (kind: a shared mount)."""
+    if isinstance(cluster.node, KindNode):
+        path = KIND_HOSTPATH / uuid.uuid4().hex[:8]
+        path.mkdir(parents=True)
+        return path
+    return tmp_path
 
 
 @pytest.fixture

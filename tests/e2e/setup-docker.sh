@@ -5,7 +5,9 @@
 #
 # State lives under $KUBEARCH_DOCKER_DIR (default /var/lib/kubearch-docker): its own data root,
 # exec root and socket (unix://$DIR/docker.sock), so a docker a developer already runs is not
-# touched. Prints `export DOCKER_HOST=...` as its last line. `setup-docker.sh stop` stops it by PID.
+# touched; a daemon that already answers on the default socket is used instead (unless
+# KUBEARCH_OWN_DOCKERD is set). Prints `export DOCKER_HOST=...` as its last line.
+# `setup-docker.sh stop` stops the daemon it started, by PID.
 set -euo pipefail
 
 DIR="${KUBEARCH_DOCKER_DIR:-/var/lib/kubearch-docker}"
@@ -23,6 +25,14 @@ if [[ "${1:-start}" == stop ]]; then
     for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
   fi
   rm -f "$PIDFILE"
+  exit 0
+fi
+
+# A docker daemon the user already runs (e.g. for kind) is used as it is.
+if [[ -z "${KUBEARCH_OWN_DOCKERD:-}" ]] && command -v docker >/dev/null \
+  && env -u DOCKER_HOST docker version >/dev/null 2>&1; then
+  echo "using the running docker daemon" >&2
+  echo "export DOCKER_HOST=unix:///var/run/docker.sock"
   exit 0
 fi
 

@@ -155,10 +155,10 @@ def test_operator_runs_as_a_pod_under_its_service_account(cluster, operator) -> 
 
 
 def test_two_containers_rendezvous_over_cluster_dns_train_on_volume_data_and_succeed(
-    cluster, operator, namespace, tmp_path: Path
+    cluster, operator, namespace, host_dir: Path
 ) -> None:
     run = "dns-ok"
-    volume = tmp_path / "pv"
+    volume = host_dir / "pv"
     local_volume(cluster, namespace, "ckpt", volume)
     write_corpus(volume / "data" / "corpus.txt")
     spec = tiny_spec(
@@ -210,10 +210,10 @@ def test_two_containers_rendezvous_over_cluster_dns_train_on_volume_data_and_suc
 
 
 def test_killing_the_master_container_restarts_the_group_which_resumes_from_the_pvc(
-    cluster, operator, namespace, tmp_path: Path
+    cluster, operator, namespace, host_dir: Path
 ) -> None:
     run, steps = "resume", 60
-    volume = tmp_path / "pv"
+    volume = host_dir / "pv"
     local_volume(cluster, namespace, "ckpt", volume)
     write_corpus(volume / "data" / "corpus.txt")
     spec = tiny_spec(
