@@ -74,15 +74,19 @@ wheelhouse() {  # $1 = operator|trainer; prints the directory
 }
 
 # --- 4./5. images -----------------------------------------------------------------------------
-src_hash="$(cd "$REPO" && find pyproject.toml README.md trainer_image operator -type f \
-  ! -path '*/__pycache__/*' ! -name '*.pyc' ! -path '*.egg-info*' -print0 | sort -z \
-  | xargs -0 sha256sum | sha256sum | cut -c1-16)"
+# The trainer never imports kubearch_operator: its image's key leaves operator/ out, so an
+# operator change does not rebuild (and re-import into containerd) the 6 GB trainer image.
+src_hash() {
+  (cd "$REPO" && find pyproject.toml README.md "$@" -type f ! -path '*/__pycache__/*' \
+    ! -name '*.pyc' ! -path '*.egg-info*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+}
 app="$(mktemp -d "$OUT/app.XXXXXX")"
 trap 'rm -rf "$app" "$OUT"/ctx.*' EXIT
 declare -A TAGS
 for target in "${TARGETS[@]}"; do
   wh="$(wheelhouse "$target")"
-  key="$( (cat "$REPO/Dockerfile" "$wh/requirements.txt"; echo "$base_id $src_hash $target") \
+  if [[ "$target" == trainer ]]; then src="$(src_hash trainer_image)"; else src="$(src_hash trainer_image operator)"; fi
+  key="$( (cat "$REPO/Dockerfile" "$wh/requirements.txt"; echo "$base_id $src $target") \
     | sha256sum | cut -c1-16)"
   tag="kubearch/$target:$key"
   TAGS[$target]="$tag"
