@@ -160,14 +160,28 @@ def test_two_containers_rendezvous_over_cluster_dns_train_on_volume_data_and_suc
     run = "dns-ok"
     volume = host_dir / "pv"
     local_volume(cluster, namespace, "ckpt", volume)
-    write_corpus(volume / "data" / "corpus.txt")
+    local_volume(cluster, namespace, "corpus", host_dir / "corpus")
+    write_corpus(host_dir / "corpus" / "corpus.txt")
     spec = tiny_spec(
         cluster.images.trainer,
         steps=40,
-        data={"path": DATA_PATH},
+        data={"path": "/data/corpus.txt"},
         training={"metricsPort": METRICS_PORT},
         resources={"checkpointClaim": "ckpt"},
     )
+    # The training text comes from its own claim, mounted by the cluster user's pod template.
+    spec["podTemplate"] = {
+        "metadata": {"labels": {"team": "e2e"}},
+        "spec": {
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "corpus", "readOnly": True}}],
+            "containers": [
+                {
+                    "name": "trainer",
+                    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+                }
+            ],
+        },
+    }
     apply_run(cluster, namespace, run, spec)
 
     # While it trains: the trainer's metrics endpoint answers on the master pod's IP.
@@ -206,7 +220,8 @@ def test_two_containers_rendezvous_over_cluster_dns_train_on_volume_data_and_suc
     assert f"{run}-master-0.{run}.{namespace}.svc" in wait_log and "resolves" in wait_log, wait_log
     # The text came from the volume (the trainer names its data source), and DDP had 2 ranks.
     master_log = cluster.kubectl("logs", "-n", namespace, f"{run}-master-0", "-c", "trainer").stdout
-    assert DATA_PATH in master_log and "device cpu x2" in master_log, master_log[-3000:]
+    assert "/data/corpus.txt" in master_log and "device cpu x2" in master_log, master_log[-3000:]
+    assert worker_pod.metadata.labels["team"] == "e2e"
 
 
 def test_killing_the_master_container_restarts_the_group_which_resumes_from_the_pvc(

@@ -167,3 +167,17 @@ def test_the_gpu_resource_name_replaces_nvidia_gpu_in_limits_and_tolerations(res
 def test_a_malformed_gpu_resource_name_is_refused_by_the_schema() -> None:
     with pytest.raises(ConfigError, match=r"spec.podTemplate.gpuResourceName"):
         parse_spec({"podTemplate": {"gpuResourceName": "GPU"}})
+
+
+def test_the_data_pvc_example_mounts_its_claim_in_every_trainer() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "trainingrun-data-pvc.yaml"
+    spec = parse_spec(yaml.safe_load(example.read_text())["spec"])
+    for pod in b.build_pods("dense-own-text", NS, UID, spec, b.plan_run(spec).shape):
+        data = next(v for v in pod["spec"]["volumes"] if v["name"] == "data")
+        assert data["persistentVolumeClaim"]["claimName"] == "corpus"
+        mount = next(m for m in trainer(pod)["volumeMounts"] if m["name"] == "data")
+        assert spec.data.path is not None and spec.data.path.startswith(mount["mountPath"] + "/")
