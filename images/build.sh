@@ -81,7 +81,7 @@ src_hash() {
     ! -name '*.pyc' ! -path '*.egg-info*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
 app="$(mktemp -d "$OUT/app.XXXXXX")"
-trap 'rm -rf "$app" "$OUT"/ctx.*' EXIT
+trap 'rm -rf "$app"' EXIT
 declare -A TAGS
 for target in "${TARGETS[@]}"; do
   wh="$(wheelhouse "$target")"
@@ -101,13 +101,16 @@ for target in "${TARGETS[@]}"; do
       || "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$app" "$REPO" >&2
     rm -rf "$REPO/build" "$REPO"/*.egg-info "$REPO"/*/*.egg-info
   fi
-  ctx="$(mktemp -d "$OUT/ctx.XXXXXX")"
+  # One fixed context directory per image: BuildKit then syncs it incrementally into the copy it
+  # keeps (hard links to unchanged wheels look unchanged) instead of keeping 3 GB per build.
+  ctx="$OUT/ctx-$target"
+  rm -rf "$ctx"
+  mkdir -p "$ctx"
   cp -al "$wh" "$ctx/$target" 2>/dev/null || cp -a "$wh" "$ctx/$target"
   cp -a "$app" "$ctx/app"
   log "building $tag (base $BASE) ..."
   "$DOCKER" build --quiet --target "$target" --build-arg "BASE=$BASE" -f "$REPO/Dockerfile" \
     -t "$tag" -t "kubearch/$target:dev" "$ctx" >/dev/null
-  rm -rf "$ctx"
   # Older builds of this image: drop their tags (their shared layers stay, the rest is freed).
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}' "kubearch/$target" \
     | grep -vx -e "$tag" -e "kubearch/$target:dev" | xargs -r "$DOCKER" rmi >/dev/null || true
