@@ -114,6 +114,7 @@ for target in "${TARGETS[@]}"; do
   # Older builds of this image: drop their tags (their shared layers stay, the rest is freed).
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}}' "kubearch/$target" \
     | grep -vx -e "$tag" -e "kubearch/$target:dev" | xargs -r "$DOCKER" rmi >/dev/null || true
+  "$DOCKER" image prune -f >/dev/null || true   # the untagged images those tags left
   log "built $tag: $("$DOCKER" image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
 done
 
