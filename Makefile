@@ -46,10 +46,11 @@ kind-e2e: install
 	$(KIND) get kubeconfig --name kubearch-e2e > /tmp/kubearch-e2e/kubeconfig
 	KUBECONFIG=/tmp/kubearch-e2e/kubeconfig $(PYTHON) -m pytest -q -ra --node --cluster tests/e2e
 
-## Regenerate the CRD from the pydantic models into manifests/ and the Helm chart.
+## Regenerate the CRDs from the pydantic models into manifests/ and the Helm chart.
 crds:
 	$(PYTHON) -m kubearch_operator.crd > manifests/crd-trainingrun.yaml
-	cp manifests/crd-trainingrun.yaml charts/kubearch/crds/crd-trainingrun.yaml
+	$(PYTHON) -m kubearch_operator.crd architecturesearch > manifests/crd-architecturesearch.yaml
+	cp manifests/crd-trainingrun.yaml manifests/crd-architecturesearch.yaml charts/kubearch/crds/
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 import torch
-from kubearch_trainer.compare import trainer_command
+from kubearch_trainer.runner import trainer_command
 
 COLUMNS = (
     ("architecture", "Model"),

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kubearch_trainer.config import TrainConfig
+from kubearch_trainer.config import ConfigError, TrainConfig
 
 from . import gpu_matrix
 from .api import API_VERSION, KIND, ChosenShape, TrainingRunSpec
@@ -51,6 +51,12 @@ PROGRESS_ANNOTATION = "kubearch.dev/progress"
 CONFIG_MOUNT = "/etc/kubearch"
 CONFIG_KEY = "config.yaml"
 CHECKPOINT_MOUNT = "/checkpoints"
+#: Writable scratch space (emptyDir): the root filesystem is read-only, so TMPDIR, HOME and the
+#: caches (torch.compile/Triton, torchrun's logs) point here. Not /tmp, so that no image path is
+#: shadowed; tempfile, torch and Triton follow TMPDIR/HOME/XDG_CACHE_HOME.
+SCRATCH_MOUNT = "/scratch"
+#: The trainer image's user (Dockerfile ``USER 65532``); fsGroup makes volumes writable to it.
+RUN_AS_USER = 65532
 TERMINATION_LOG = "/dev/termination-log"
 CONTAINER = "trainer"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -113,6 +119,11 @@ def plan_run(spec: TrainingRunSpec) -> RunPlan:
         reason = f"explicit: {nodes} node(s) x {gpus} GPU(s)" + ("" if gpus else " (CPU)")
         source = "explicit"
     nproc = res.nproc_per_node or max(gpus, 1)
+    if gpus and nproc > gpus:  # explicit shapes are refused by the schema; auto is known only here
+        raise ConfigError(
+            f"spec.resources.nprocPerNode: {nproc} processes for the {gpus} GPU(s) per node that "
+            f"auto chose: at most one process per GPU; remove nprocPerNode"
+        )
     shape_status = ChosenShape(
         nodes=nodes,
         gpus_per_node=gpus,
@@ -261,6 +272,9 @@ def pod_env(run: str, namespace: str, spec: TrainingRunSpec, shape: ChosenShape,
             "KUBEARCH_RUN": run,
             "KUBEARCH_TERMINATION_LOG": TERMINATION_LOG,
             "PYTHONUNBUFFERED": "1",
+            "TMPDIR": SCRATCH_MOUNT,
+            "HOME": SCRATCH_MOUNT,
+            "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/.cache",
         }
     )
     env = [{"name": k, "value": v} for k, v in values.items()]
@@ -288,6 +302,28 @@ def _resources(spec: TrainingRunSpec, shape: ChosenShape) -> dict[str, dict[str,
     return out
 
 
+def pod_security_context() -> dict[str, Any]:
+    """Non-root, seccomp RuntimeDefault (the "restricted" Pod Security Standard); fsGroup so the
+    checkpoint claim and the emptyDirs are writable by the trainer's user."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    """No privilege escalation, no capabilities, read-only root: the trainer writes only to its
+    volumes (/checkpoints, /scratch, /dev/shm) and the termination log."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def build_pod(
     run: str,
     namespace: str,
@@ -303,7 +339,7 @@ def build_pod(
     labels = {ROLE_LABEL: role, INDEX_LABEL: str(index), ATTEMPT_LABEL: str(attempt)}
     annotations: dict[str, str] = {}
     policy = spec.run_policy.scheduling_policy
-    if policy is not None:
+    if gang_scheduled(spec):
         labels[SCHEDULER_PLUGINS_GROUP_LABEL] = run
         annotations[VOLCANO_GROUP_ANNOTATION] = run
     metadata = _metadata(pod_name(run, index), run, namespace, uid, labels)
@@ -314,6 +350,7 @@ def build_pod(
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+        {"name": "scratch", "mountPath": SCRATCH_MOUNT},
     ]
     ports = [{"name": "rendezvous", "containerPort": res.master_port, "protocol": "TCP"}]
     if spec.training.metrics_port:
@@ -330,6 +367,7 @@ def build_pod(
         "resources": _resources(spec, shape),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security_context(),
     }
     wait = {
         "name": "wait-for-master",
@@ -337,6 +375,7 @@ def build_pod(
         "imagePullPolicy": res.image_pull_policy,
         "command": ["python", "-c", _WAIT_FOR_MASTER],
         "env": [e for e in env if e["name"] == "MASTER_ADDR"],
+        "securityContext": container_security_context(),
     }
     checkpoint_volume: dict[str, Any] = (
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": res.checkpoint_claim}}
@@ -354,12 +393,15 @@ def build_pod(
         "subdomain": service_name(run),
         "restartPolicy": "Never",  # a failure restarts the whole group, decided by the operator
         "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "securityContext": pod_security_context(),
         "initContainers": [wait],
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(run)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             checkpoint_volume,
+            {"name": "scratch", "emptyDir": {}},
         ],
     }
     if node_selector:
@@ -381,16 +423,27 @@ def build_pods(
     return [build_pod(run, namespace, uid, spec, shape, i, attempt) for i in range(shape.nodes)]
 
 
+def gang_scheduled(spec: TrainingRunSpec) -> bool:
+    """A PodGroup is made only when the pods go to a named scheduler that reads it.
+
+    The default scheduler ignores PodGroups: a ``schedulingPolicy`` with only ``priorityClass``
+    sets the pods' ``priorityClassName`` and nothing else (the schema refuses ``queue`` and
+    ``minAvailable`` without ``schedulerName``).
+    """
+    policy = spec.run_policy.scheduling_policy
+    return policy is not None and bool(policy.scheduler_name)
+
+
 def build_pod_group(
     run: str, namespace: str, uid: str, spec: TrainingRunSpec, shape: ChosenShape
 ) -> dict | None:
     """The gang: a Volcano PodGroup when schedulerName is 'volcano', else scheduler-plugins' one.
 
-    None without a schedulingPolicy. ``minAvailable`` defaults to all pods of the group, so a
-    2-node run never holds one node's GPUs while waiting for the other.
+    None unless a scheduler is named (see :func:`gang_scheduled`). ``minAvailable`` defaults to
+    all pods of the group, so a 2-node run never holds one node's GPUs while waiting for the other.
     """
     policy = spec.run_policy.scheduling_policy
-    if policy is None:
+    if policy is None or not gang_scheduled(spec):
         return None
     min_member = policy.min_available or shape.nodes
     metadata = _metadata(run, run, namespace, uid)

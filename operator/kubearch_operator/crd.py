@@ -1,16 +1,18 @@
-"""Generate the TrainingRun CRD from the pydantic models: ``python -m kubearch_operator.crd``.
+"""Generate the CRDs from the pydantic models: ``python -m kubearch_operator.crd [architecturesearch]``.
 
 Why generated: the CRD's schema, the operator's validation and the trainer's config are then the
 same classes, and ``tests/unit/test_operator_crd.py`` fails when the checked-in
-``manifests/crd-trainingrun.yaml`` drifts from them.
+``manifests/crd-trainingrun.yaml`` or ``manifests/crd-architecturesearch.yaml`` drifts from them.
 
 Kubernetes wants a *structural* OpenAPI v3 schema, which pydantic's JSON Schema is not quite:
 ``$ref``s are inlined, ``Optional[X]`` (``anyOf: [X, null]``) becomes ``X`` + ``nullable``,
 ``additionalProperties: false`` is dropped (the API server prunes unknown fields and ``kubectl``'s
 strict field validation refuses them), JSON-Schema-2020 exclusive bounds become OpenAPI 3.0's
 boolean form, and titles go. Enums, minimum/maximum, patterns and defaults stay, so ``kubectl
-apply`` itself refuses ``size: huge``. Three training fields get no default on purpose: the GPU
-matrix fills them when the user leaves them out (see ``builders.plan_run``).
+apply`` itself refuses ``size: huge``. ``Any`` (a search's values, parameter maps, the algorithm's
+state) becomes ``x-kubernetes-preserve-unknown-fields``, the one untyped node a structural schema
+allows. Three training fields get no default on purpose: the GPU matrix fills them when the user
+leaves them out (see ``builders.plan_run``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ import sys
 from typing import Any
 
 import yaml
-from kubearch_trainer.config import BUILTIN_ARCHITECTURES
+from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS
+from pydantic.alias_generators import to_camel
 
 from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, TrainingRunSpec, TrainingRunStatus
+from .search.api import KIND as SEARCH_KIND
+from .search.api import KNOWN_GOALS, ArchitectureSearchSpec, ArchitectureSearchStatus
+from .search.api import PLURAL as SEARCH_PLURAL
+from .search.api import SHORT_NAMES as SEARCH_SHORT_NAMES
+from .search.api import SINGULAR as SEARCH_SINGULAR
 
 #: spec.training fields the GPU matrix chooses under ``resources.auto``: no schema default.
 MATRIX_FIELDS = frozenset({"batchSize", "gradientAccumulationSteps", "useAmp"})
@@ -36,19 +44,130 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
-#: Cross-field rules the API server checks itself (CEL), mirrored by the pydantic validators.
+
+def _rule(rule: str, message: str, field: str | None = None) -> dict[str, str]:
+    """A CEL rule; ``fieldPath`` makes the API server name the field (``spec.data.seqLen``)."""
+    out = {"rule": rule, "message": message}
+    if field:
+        out["fieldPath"] = field
+        out["reason"] = "FieldValueInvalid"
+    return out
+
+
+# Cross-field rules the API server checks itself (CEL, ``x-kubernetes-validations``). Each has a
+# pydantic twin with the same field path (api.spec_cross_checks, Resources, SchedulingPolicy,
+# Toleration, config.trainer_cross_checks): the operator says the same if one gets past (a CRD
+# installed before the rule, or a plugin architecture). Every string and list is bounded
+# (maxLength/maxItems/maxProperties), which keeps the rules' estimated cost within the API
+# server's budget.
+SPEC_RULES = [
+    _rule("self.data.seqLen <= self.model.maxSeqLen", "data.seqLen exceeds model.maxSeqLen", ".data.seqLen"),
+    _rule(
+        "!has(self.model.hybridLocalWindow) || self.model.hybridLocalWindow <= self.data.seqLen",
+        "hybridLocalWindow exceeds data.seqLen: a window longer than the sequence is full attention",
+        ".model.hybridLocalWindow",
+    ),
+    _rule(
+        "self.training.device != 'cuda' || self.resources.auto || !has(self.resources.gpusPerNode) "
+        "|| self.resources.gpusPerNode > 0",
+        "cuda needs GPUs; resources.gpusPerNode is 0",
+        ".training.device",
+    ),
+    _rule(
+        "!has(self.training.metricsPort) || self.training.metricsPort != self.resources.masterPort",
+        "metricsPort is resources.masterPort (torchrun's rendezvous port)",
+        ".training.metricsPort",
+    ),
+]
 RESOURCES_RULES = [
-    {
-        "rule": "!self.auto || (!has(self.nodes) && !has(self.gpusPerNode))",
-        "message": "auto: true chooses the shape; remove nodes and gpusPerNode or set auto: false",
-    }
+    _rule(
+        "!self.auto || (!has(self.nodes) && !has(self.gpusPerNode))",
+        "auto: true chooses the shape; remove nodes and gpusPerNode or set auto: false",
+    ),
+    _rule(
+        "self.auto || !has(self.nprocPerNode) || (has(self.gpusPerNode) ? "
+        "(self.gpusPerNode == 0 || self.nprocPerNode <= self.gpusPerNode) : self.nprocPerNode <= 1)",
+        "at most one process per GPU (gpusPerNode: 0 runs any number on CPU)",
+        ".nprocPerNode",
+    ),
+]
+TOLERATION_RULES = [
+    _rule(
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "must be empty when operator is Exists",
+        ".value",
+    ),
+    _rule(
+        "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+        "must be Exists when key is empty (it matches every taint)",
+        ".operator",
+    ),
+    _rule(
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "is only allowed with effect NoExecute",
+        ".tolerationSeconds",
+    ),
+]
+SCHEDULING_RULES = [
+    _rule(
+        f"has(self.schedulerName) || !has(self.{f})",
+        "needs schedulerName: only a gang scheduler reads it",
+        f".{f}",
+    )
+    for f in ("queue", "minAvailable")
+]
+TRAINING_RULES = [
+    _rule(
+        "!has(self.warmupSteps) || self.warmupSteps <= self.numEpochs * self.stepsPerEpoch",
+        "warmupSteps exceeds the run's steps (numEpochs x stepsPerEpoch)",
+        ".warmupSteps",
+    )
 ]
 
+
+def _family_rules() -> list[dict[str, str]]:
+    """An option of another family, written explicitly, is refused (config.FAMILY_OPTIONS)."""
+    rules = []
+    for field, families in FAMILY_OPTIONS.items():
+        name = to_camel(field)
+        allowed = ", ".join(f"'{f}'" for f in families)
+        rules.append(
+            _rule(
+                f"!has(self.{name}) || self.architecture in [{allowed}]",
+                f"applies to architecture {', '.join(families)} only",
+                f".{name}",
+            )
+        )
+    return rules
+
+
+#: Fields without a schema default, so that CEL's has() means "the user wrote it" (pydantic
+#: applies the defaults in the operator and the trainer).
+NO_DEFAULT_MODEL_FIELDS = frozenset(to_camel(f) for f in FAMILY_OPTIONS)
+NO_DEFAULT_TRAINING_FIELDS = frozenset({"warmupSteps"})
+#: Spec sections defaulted to {} so their fields' defaults apply and spec-level rules can read them.
+SECTIONS = ("model", "data", "training", "resources", "runPolicy")
+
 _DROP = {"title", "additionalProperties", "$defs", "discriminator"}
+#: Keywords that give a node a type (or lead to one); a node with none of them is ``Any``.
+_TYPED = ("type", "$ref", "anyOf", "allOf", "oneOf", "enum", "const", "properties")
+#: Keywords whose value is data (not a schema node) and is never translated.
+_VALUES = {"default", "enum", "examples", "x-kubernetes-validations"}
 
 
-def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
-    """Translate a pydantic JSON Schema node into a structural OpenAPI v3 schema node."""
+def _untyped(node: dict[str, Any]) -> bool:
+    """``Any`` (``{}``) or ``dict[str, Any]`` (``additionalProperties: true``) in pydantic's schema."""
+    if node.get("additionalProperties") is True and "properties" not in node:
+        return True
+    return not any(k in node for k in _TYPED)
+
+
+def to_openapi(node: Any, defs: dict[str, Any], path: str = "", *, partial: bool = False) -> Any:
+    """Translate a pydantic JSON Schema node into a structural OpenAPI v3 schema node.
+
+    ``partial``: ``node`` holds only the keywords next to an ``anyOf`` (description, default), not a
+    whole schema, so its lack of a type means nothing.
+    """
     if isinstance(node, list):
         return [to_openapi(n, defs, path) for n in node]
     if not isinstance(node, dict):
@@ -62,10 +181,23 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
         if len(options) != 1:
             raise ValueError(f"{path}: a union of {len(options)} types is not structural")
         rest = {k: v for k, v in node.items() if k != "anyOf"}
-        merged = {**to_openapi(options[0], defs, path), **to_openapi(rest, defs, path), "nullable": True}
+        merged = {
+            **to_openapi(options[0], defs, path),
+            **to_openapi(rest, defs, path, partial=True),
+            "nullable": True,
+        }
         if merged.get("default", 0) is None:
             del merged["default"]
         return merged
+    if not partial and _untyped(node):
+        # ``Any`` (a search value, a parameter map): no type, so the API server must keep what it
+        # gets rather than prune it. A node with this marker and no type is still structural.
+        node = {k: v for k, v in node.items() if k != "additionalProperties"}
+        out_any: dict[str, Any] = {k: v for k, v in node.items() if k not in _DROP}
+        if node.get("type") == "object" or "additionalProperties" in node:
+            out_any["type"] = "object"
+        out_any["x-kubernetes-preserve-unknown-fields"] = True
+        return out_any
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:
@@ -79,12 +211,29 @@ def to_openapi(node: Any, defs: dict[str, Any], path: str = "") -> Any:
             out["enum"] = [value]
         elif key == "default" and value is None:
             continue
+        elif key == "propertyNames":  # not structural: the map's keys are checked by CEL
+            out.setdefault("x-kubernetes-validations", []).append(_key_rule(value))
+        elif key == "patternProperties":  # pydantic's form of a key pattern: same, as CEL
+            ((pattern, values),) = value.items()
+            out["additionalProperties"] = to_openapi(values, defs, f"{path}[*]")
+            out.setdefault("x-kubernetes-validations", []).append(_key_rule({"pattern": pattern}))
+        elif key in _VALUES:  # data, not schema: copied as is
+            out[key] = value
         else:
             out[key] = to_openapi(value, defs, f"{path}.{key}")
     additional = node.get("additionalProperties")
     if isinstance(additional, dict):
         out["additionalProperties"] = to_openapi(additional, defs, f"{path}[*]")
     return out
+
+
+def _key_rule(names: dict[str, Any]) -> dict[str, str]:
+    checks = []
+    if "maxLength" in names:
+        checks.append(f"size(k) <= {names['maxLength']}")
+    if "pattern" in names:
+        checks.append(f"k.matches(r'{names['pattern']}')")
+    return _rule(f"self.all(k, {' && '.join(checks)})", "keys must be label keys")
 
 
 def _schema(model: type, mode: str) -> dict[str, Any]:
@@ -94,12 +243,22 @@ def _schema(model: type, mode: str) -> dict[str, Any]:
 
 def spec_schema() -> dict[str, Any]:
     schema = _schema(TrainingRunSpec, "validation")
-    resources = schema["properties"]["resources"]
-    resources["x-kubernetes-validations"] = RESOURCES_RULES
+    props = schema["properties"]
+    for section in SECTIONS:
+        props[section]["default"] = {}
+    schema["x-kubernetes-validations"] = SPEC_RULES
+    props["resources"]["x-kubernetes-validations"] = RESOURCES_RULES
+    props["resources"]["properties"]["tolerations"]["items"]["x-kubernetes-validations"] = TOLERATION_RULES
+    policy = props["runPolicy"]["properties"]["schedulingPolicy"]
+    policy["x-kubernetes-validations"] = SCHEDULING_RULES
+    props["training"]["x-kubernetes-validations"] = TRAINING_RULES
+    props["model"]["x-kubernetes-validations"] = _family_rules()
     # The trainer checks plugin names at run time; the API server knows the built-in ones.
-    schema["properties"]["model"]["properties"]["architecture"]["enum"] = list(BUILTIN_ARCHITECTURES)
-    for name in MATRIX_FIELDS:
-        schema["properties"]["training"]["properties"][name].pop("default", None)
+    props["model"]["properties"]["architecture"]["enum"] = list(BUILTIN_ARCHITECTURES)
+    for name in NO_DEFAULT_MODEL_FIELDS:
+        props["model"]["properties"][name].pop("default", None)
+    for name in MATRIX_FIELDS | NO_DEFAULT_TRAINING_FIELDS:
+        props["training"]["properties"][name].pop("default", None)
     return schema
 
 
@@ -151,13 +310,178 @@ def build_crd() -> dict[str, Any]:
     }
 
 
-def render() -> str:
-    header = "# Generated by `python -m kubearch_operator.crd`; do not edit by hand.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=1000)
+# ------------------------------------------------------------------------------------------------
+# ArchitectureSearch
+# ------------------------------------------------------------------------------------------------
+SEARCH_PRINTER_COLUMNS = [
+    {"name": "Algorithm", "type": "string", "jsonPath": ".spec.algorithm.name"},
+    {
+        "name": "Succeeded",
+        "type": "integer",
+        "jsonPath": ".status.trialCounts.succeeded",
+        "description": "Trials (TrainingRuns) that finished successfully.",
+    },
+    {
+        "name": "Trials",
+        "type": "integer",
+        "jsonPath": ".status.trialCounts.total",
+        "description": "Trials planned or created so far (a configuration's rungs count once each).",
+    },
+    {"name": "Best", "type": "number", "jsonPath": ".status.bestTrial.objective"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Best-Trial", "type": "string", "jsonPath": ".status.bestTrial.trial", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+#: Cross-field rules of a search parameter (mirrors ``SearchParameter._values_or_range``).
+SEARCH_PARAMETER_RULES = [
+    {"rule": "has(self.min) == has(self.max)", "message": "a range needs both min and max"},
+    {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "min must be below max"},
+    {
+        "rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0.0",
+        "message": "log: true needs min > 0",
+    },
+    {
+        "rule": "!has(self.log) || !self.log || !has(self.step)",
+        "message": "log and step exclude each other",
+    },
+    {
+        "rule": "has(self.min) || (!has(self.step) && !has(self.type) && (!has(self.log) || !self.log))",
+        "message": "log, step and type apply to ranges (min/max), not to values",
+    },
+]
+#: A parameter lists ``values`` or gives ``min`` and ``max``, never both (checked with the rules above).
+SEARCH_PARAMETER_ONE_OF = [{"required": ["values"]}, {"required": ["min", "max"]}]
+#: Cross-field rules of ``spec.algorithm`` (mirrors ``Algorithm``'s validators).
+SEARCH_ALGORITHM_RULES = [
+    {
+        "rule": "!has(self.rungOverrides) || size(self.rungOverrides) == 0 || "
+        "(has(self.rungs) && size(self.rungOverrides) == size(self.rungs))",
+        "message": "rungOverrides needs one entry per rung (as many entries as rungs)",
+        "fieldPath": ".rungOverrides",
+    },
+    {
+        "rule": "!has(self.name) || self.name != 'asha' || (has(self.rungs) && size(self.rungs) >= 2)",
+        "message": "asha needs at least two rungs (training steps), e.g. rungs: [50, 200]",
+        "fieldPath": ".rungs",
+    },
+    {
+        "rule": "!has(self.rungs) || self.rungs.isSorted()",
+        "message": "rungs must be increasing training steps, e.g. [50, 200]",
+        "fieldPath": ".rungs",
+    },
+]
 
 
-def main() -> int:
-    sys.stdout.write(render())
+def _objective_rules() -> list[dict[str, str]]:
+    known = ", ".join(f"'{m}'" for m in KNOWN_GOALS)
+    return [
+        {
+            "rule": f"has(self.goal) || !has(self.metric) || self.metric in [{known}]",
+            "message": "goal: this metric has no implied direction; set goal to minimize or maximize",
+            "fieldPath": ".goal",
+        }
+    ]
+
+
+def search_spec_schema() -> dict[str, Any]:
+    """``spec`` of an ArchitectureSearch; ``trialTemplate`` is the TrainingRun spec schema itself."""
+    schema = _schema(ArchitectureSearchSpec, "validation")
+    props = schema["properties"]
+    template = spec_schema()
+    template["description"] = props["trialTemplate"].get(
+        "description", "The TrainingRun spec every trial starts from."
+    )
+    props["trialTemplate"] = template
+    space = props["searchSpace"]
+    # One entry per path: the API server refuses a duplicate path with the path named.
+    space["x-kubernetes-list-type"] = "map"
+    space["x-kubernetes-list-map-keys"] = ["path"]
+    space["items"]["x-kubernetes-validations"] = SEARCH_PARAMETER_RULES
+    # values XOR a range. CEL cannot see ``values`` (its items are untyped, so the field has no CEL
+    # type); a structural oneOf of required fields can, and the CEL rule above pairs min with max.
+    space["items"]["oneOf"] = SEARCH_PARAMETER_ONE_OF
+    algorithm = props["algorithm"]
+    algorithm["x-kubernetes-validations"] = SEARCH_ALGORITHM_RULES
+    # Rungs are distinct training steps (with isSorted() above: strictly increasing).
+    rungs = algorithm["properties"]["rungs"]
+    rungs["x-kubernetes-list-type"] = "set"
+    rungs["items"]["minimum"] = 1
+    props["objective"]["x-kubernetes-validations"] = _objective_rules()
+    return schema
+
+
+def build_search_crd() -> dict[str, Any]:
+    """The ArchitectureSearch CRD (``kubectl get asearch``)."""
+    spec = search_spec_schema()
+    spec["description"] = (
+        "A search: trials are TrainingRuns made from trialTemplate with searchSpace's values, "
+        "chosen by algorithm within budget and ranked by objective."
+    )
+    status = _schema(ArchitectureSearchStatus, "serialization")
+    status["description"] = "Written by the kubearch operator (or `kubearch search` locally)."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{SEARCH_PLURAL}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "kubearch"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": SEARCH_KIND,
+                "listKind": f"{SEARCH_KIND}List",
+                "plural": SEARCH_PLURAL,
+                "singular": SEARCH_SINGULAR,
+                "shortNames": list(SEARCH_SHORT_NAMES),
+                "categories": ["kubearch"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": SEARCH_PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An architecture search run as child TrainingRuns (trials).",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            "required": ["spec"],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+#: ``python -m kubearch_operator.crd [NAME]``: which CRD to print (default: trainingrun).
+CRDS = {"trainingrun": build_crd, "architecturesearch": build_search_crd}
+
+
+def render(name: str = "trainingrun") -> str:
+    command = "python -m kubearch_operator.crd" + ("" if name == "trainingrun" else f" {name}")
+    header = f"# Generated by `{command}`; do not edit by hand.\n"
+    return header + yaml.safe_dump(CRDS[name](), sort_keys=False, width=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "trainingrun"
+    if name not in CRDS or len(args) > 1:
+        sys.stderr.write(f"usage: python -m kubearch_operator.crd [{'|'.join(CRDS)}]\n")
+        return 2
+    sys.stdout.write(render(name))
     return 0
 
 

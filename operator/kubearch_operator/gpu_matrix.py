@@ -17,7 +17,8 @@ dataset samples    Quick Selection Guide row   shape
 Model types (detailed matrix): VAE and beta-VAE 1 GPU; VQ-VAE 2, DDPM 2, latent diffusion 2 and
 hierarchical VAE 4 (2 is not one of the three shapes, so it rounds *up* to 4: never fewer GPUs than
 the seed asks for); transformer-like families by estimated parameters: < 100M 1 GPU ("Small"),
-100M - 1B 4 GPUs ("Medium"), >= 1B 8 GPUs ("Large"/"XL", multi-node). Families the seed does not
+100M - 1B 4 GPUs ("Medium"), >= 1B 8 GPUs ("Large"/"XL", multi-node), counted exactly by the
+trainer's ``flops.count_params``. Families the seed does not
 list (CNN, LSTM/GRU/RNN, Mamba, MoE, hybrid) are sized by their parameter count like transformers.
 
 Batch semantics (chosen so that every shape lands inside the Quick Selection Guide's batch range):
@@ -33,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubearch_trainer.config import ModelConfig
+from kubearch_trainer.flops import count_params
 
 #: Quick Selection Guide boundaries, in samples.
 SMALL_DATASET = 100_000
@@ -111,27 +113,14 @@ def dataset_shape(samples: int | None) -> tuple[Shape, str]:
     return DISTRIBUTED, f"dataset {samples:,} samples: row '> 10M samples' -> 8 GPUs (2 nodes x 4)"
 
 
-def estimate_parameters(model: ModelConfig) -> int:
-    """Rough parameter count from the resolved dimensions (for the transformer table's size bands).
+def model_parameters(model: ModelConfig) -> int:
+    """The model's exact parameter count (every expert of a MoE), for the transformer size bands.
 
-    Per layer: attention 4 d^2; feed-forward 3 d d_ff (SwiGLU) or 2 d d_ff, times the experts for
-    MoE; a Mamba block about 3 e d^2 (in/out projections); plus the embedding table. Accurate to
-    tens of percent, which is all a band of 10x needs.
+    The trainer's own analytic count (``kubearch_trainer.flops.count_params``), which its tests
+    compare with built models: a rough estimate put dense ``large`` (74.1M) at 94.6M, and a
+    band edge (100M, 1B) is exactly where such an error picks the wrong shape.
     """
-    d, n_layers, d_ff = model.resolved("d_model"), model.resolved("n_layers"), model.resolved("d_ff")
-    ffn = (3 if model.mlp == "swiglu" else 2) * d * d_ff
-    attention = 4 * d * d
-    mamba = 3 * model.expand * d * d
-    arch = model.architecture
-    if arch == "moe":
-        per_layer = attention + ffn * model.num_experts
-    elif arch == "mamba":
-        per_layer = mamba
-    elif arch == "hybrid":
-        per_layer = (attention + mamba) // 2 + ffn
-    else:
-        per_layer = attention + ffn
-    return n_layers * per_layer + model.vocab_size * d
+    return count_params(model).total
 
 
 def model_shape(model: ModelConfig) -> tuple[Shape, str]:
@@ -142,7 +131,7 @@ def model_shape(model: ModelConfig) -> tuple[Shape, str]:
         shape = shape_for_gpus(need)
         rounded = "" if shape.gpus == need else f", rounded up to {shape.gpus}"
         return shape, f"model {arch}: detailed matrix {need}x GPU{rounded}"
-    params = estimate_parameters(model)
+    params = model_parameters(model)
     if params < SMALL_MODEL:
         band, shape = "Small (<100M)", SINGLE
     elif params < LARGE_MODEL:
@@ -150,7 +139,7 @@ def model_shape(model: ModelConfig) -> tuple[Shape, str]:
     else:
         band, shape = "Large (>=1B)", DISTRIBUTED
     gpus = f"{shape.gpus} GPU{'s' if shape.gpus > 1 else ''}"
-    return shape, f"model {arch} ~{params / 1e6:.1f}M params: transformer row {band} -> {gpus}"
+    return shape, f"model {arch} {params / 1e6:.1f}M params: transformer row {band} -> {gpus}"
 
 
 def choose(samples: int | None, model: ModelConfig) -> MatrixChoice:

@@ -1,66 +1,133 @@
-"""kopf handlers: thin wiring between the API server and the pure reconcile step.
+"""kopf wiring: a watch-driven TrainingRun controller in the controller-runtime style.
 
 Run it with ``kopf run -m kubearch_operator.handlers --all-namespaces`` or ``python -m
 kubearch_operator``. Design:
 
-* One **daemon per TrainingRun** runs a level-triggered loop: read the run and its pods, ask
-  :func:`kubearch_operator.status.reconcile` what to do, do it, write the status. Running every
-  step of a run in one loop serialises them without locks; it is woken at once by the run's own
-  create/update/``spec.runPolicy.suspend`` handlers and by events of its pods, and otherwise
-  re-checks every ``KUBEARCH_RESYNC_SECONDS`` (deadlines, TTLs, missed events).
-* Every write is idempotent: pods, Service and ConfigMap have deterministic names and are created
-  if absent (a 409 means another pass already did it), so a handler running twice or after an
-  operator crash never makes duplicates.
+* **State comes from watch streams, not from requests.** kopf watches TrainingRuns, and the pods,
+  Services and ConfigMaps labelled ``app.kubernetes.io/name=kubearch`` (a label selector the API
+  server applies: only kubearch's objects stream in). Runs are cached by ``@kopf.on.event``;
+  children are kept in ``@kopf.index`` es keyed by ``(namespace, run)`` (kopf fills the indexes
+  before any other handler runs, so a restarted operator never mistakes "not listed yet" for
+  "missing").
+* **What triggers a reconcile**: any watch event of a run (create, spec change, suspend/resume,
+  status written by someone else, the initial listing after a start) or of one of its pods,
+  Services or ConfigMaps puts the run's key on a :class:`~kubearch_operator.workqueue.WorkQueue`.
+  Timers exist only for what is due: ``activeDeadlineSeconds``, ``ttlSecondsAfterFinished``, error
+  back-off. A safety resync re-queues every run every ``KUBEARCH_RESYNC_SECONDS`` (default 600 s;
+  0 disables it); at rest a pass makes no request at all, as nothing differs from the cache.
+* **Passes are serialised per run**: the queue never hands one key to two workers; an event during
+  a pass queues the key once more. ``KUBEARCH_WORKERS`` threads run passes for different runs.
+* **Idempotent and restart-safe**: deterministic names, create-if-absent, and the status is written
+  (with the run's ``resourceVersion`` as a precondition, so a pass decided on a stale copy is
+  refused with 409 and redone) *before* pods are deleted or created. A pass that created pods
+  waits for the watch to show them before the next pass of that run (Job controller
+  "expectations"), so a lagging cache never reads as a lost pod.
+* **Children are ensured on every pass from the cache**: a Service or ConfigMap that is missing,
+  or that belongs to an earlier run of the same name (``kubectl replace --force``), is replaced;
+  a 409 on create counts as "ours" only when the existing object's owner uid is this run's.
+* **No finalizer, no kopf annotations on runs**: only ``on.event``/``index`` handlers are used,
+  which need neither; children are garbage-collected through their ownerReferences, so deleting a
+  run completes even while the operator is down, and a huge spec cannot overflow kopf's
+  ``last-handled-configuration`` annotation (there is none). A kopf finalizer left by an older
+  operator version is removed by kopf on the first event.
+* An object the API server refuses (400/413/422) fails the run at once, naming object, field and
+  message (:mod:`kubearch_operator.refusals`); an unreachable API server is logged once per outage
+  (:class:`~kubearch_operator.workqueue.Outage`) and retried with back-off.
 * A spec the operator cannot run (caught by the pydantic models after the CRD schema let it in)
   changes nothing but a ``SpecValid=False`` condition: running pods keep running.
-* kopf's own bookkeeping goes into ``kubearch.dev/*`` annotations, not into ``status``, whose
-  schema belongs to the API.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 import kubernetes
+import urllib3
 from kubearch_trainer.config import ConfigError
 from kubernetes.client.rest import ApiException
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from . import builders
-from .api import GROUP, KIND, PHASES, PLURAL, VERSION, check_run_name, parse_spec, parse_status
+from . import builders, refusals
+from .api import (
+    GROUP,
+    KIND,
+    PHASES,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    check_run_name,
+    parse_spec,
+    parse_status,
+)
+from .peering import configure_peering
 from .status import invalid_spec, reconcile, rfc3339
+from .workqueue import Expectations, Outage, WorkQueue
 
 log = logging.getLogger("kubearch.operator")
 
-RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "10"))
+#: Safety resync period (seconds); 0 disables it. Passes at rest make no API request.
+RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "600"))
+WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "16")))
 METRICS_PORT = int(os.environ.get("KUBEARCH_OPERATOR_METRICS_PORT", "8000"))
 
 RECONCILES = Counter("kubearch_operator_reconcile_total", "Reconcile passes by result.", ["result"])
 RECONCILE_SECONDS = Histogram(
     "kubearch_operator_reconcile_duration_seconds",
-    "Wall time of one reconcile pass.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    "Wall time of one reconcile pass (the work: decisions and API calls, not the queue wait).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+QUEUE_SECONDS = Histogram(
+    "kubearch_operator_queue_wait_seconds",
+    "Time a run's key waited in the work queue before a worker took it.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+QUEUE_DEPTH = Gauge("kubearch_operator_queue_depth", "Run keys waiting for a worker.")
 RUNS = Gauge("kubearch_operator_runs", "TrainingRuns this operator tracks, by phase.", ["phase"])
 POD_CREATIONS = Counter("kubearch_operator_pod_creations_total", "Pods created for TrainingRuns.")
 ERRORS = Counter("kubearch_operator_errors_total", "Errors while reconciling, by kind.", ["kind"])
 
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
-_phases: dict[tuple[str, str], str] = {}
-_phases_lock = threading.Lock()
+#: Labels of every object the operator creates; the watches select on them server-side.
+CHILD_SELECTOR = f"{builders.APP_LABEL}={builders.APP},{builders.RUN_LABEL}"
+CHILD_LABELS = {builders.APP_LABEL: builders.APP, builders.RUN_LABEL: kopf.PRESENT}
+CHILD_RESOURCES = ("pods", "services", "configmaps")
+
+RunKey = tuple[str, str]
+
+
+# ------------------------------------------------------------------------------------------------
+# controller state (owned by the event loop; worker threads get snapshots)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _State:
+    runs: dict[RunKey, dict[str, Any]] = field(default_factory=dict)
+    indexes: dict[str, Any] = field(default_factory=dict)  # kopf Index objects, by index name
+    queue: WorkQueue | None = None
+    pool: ThreadPoolExecutor | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    expectations: Expectations = field(default_factory=Expectations)
+    specs: dict[tuple[str, Any], Any] = field(default_factory=dict)  # (uid, generation) -> plan|error
+    phases: dict[RunKey, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_state = _State()
 _clients: dict[str, Any] = {}
 _metrics_started = False
+outage = Outage(log)
 
-#: A sentinel: the run is gone (or going); its loop ends.
-GONE = -1.0
+#: Errors that mean "could not talk to the API server" (refused, reset, timed out, DNS).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ConnectionError, OSError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,10 +138,25 @@ def _load_kube_config() -> None:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    api = kubernetes.client.ApiClient()
+    config = kubernetes.client.Configuration.get_default_copy()
+    config.connection_pool_maxsize = max(config.connection_pool_maxsize or 0, WORKERS * 2)
+    config.retries = 0  # no silent urllib3 retries: the work queue backs off and logs once
+    api = kubernetes.client.ApiClient(config)
     _clients.update(
         api=api, core=kubernetes.client.CoreV1Api(api), custom=kubernetes.client.CustomObjectsApi(api)
     )
+
+
+class _QuietEventHandlers(logging.Filter):
+    """Drop kopf's "Handler 'on_..._event' succeeded." line: one per watch event (tens of
+    thousands at scale) saying nothing a metric does not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not (msg.startswith("Handler 'on_") and "_event' succeeded" in msg)
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
 
 
 @kopf.on.startup()
@@ -84,12 +166,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.peering.name = os.environ.get("KUBEARCH_PEERING", "kubearch")
-    # A crashed replica's peering record blocks its replacement until it expires (kopf pauses
-    # while a same-priority peer looks alive): this bounds that wait.
-    settings.peering.lifetime = int(os.environ.get("KUBEARCH_PEERING_LIFETIME", "60"))
+    configure_peering(settings, os.environ)  # --peering wins over KUBEARCH_PEERING (peering.py)
     settings.posting.level = logging.WARNING  # kopf's own per-handler events stay out of `describe`
     settings.watching.server_timeout = 300
+    # kopf applies a handler's `labels=` filter client-side, after every pod of the cluster has
+    # streamed in; this selector makes the API server filter the children's watches instead.
+    for plural in CHILD_RESOURCES:
+        settings.watching.label_selectors["v1", plural] = CHILD_SELECTOR
     _load_kube_config()
     if METRICS_PORT and not _metrics_started:
         start_http_server(METRICS_PORT)
@@ -97,36 +180,598 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         log.info("operator metrics on :%d/metrics", METRICS_PORT)
 
 
+@kopf.on.startup()
+async def start_workers(**_: Any) -> None:
+    """The work queue and its workers live as long as the operator's event loop."""
+    _state.queue = WorkQueue()
+    _state.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="reconcile")
+    _state.tasks = [asyncio.create_task(_worker(i)) for i in range(WORKERS)]
+    if RESYNC_SECONDS > 0:
+        _state.tasks.append(asyncio.create_task(_safety_resync(RESYNC_SECONDS)))
+
+
+@kopf.on.cleanup()
+async def stop_workers(**_: Any) -> None:
+    for task in _state.tasks:
+        task.cancel()
+    await asyncio.gather(*_state.tasks, return_exceptions=True)
+    _state.tasks = []
+    if _state.pool is not None:
+        _state.pool.shutdown(wait=False, cancel_futures=True)
+
+
 @kopf.on.probe(id="trackedRuns")
 def tracked_runs(**_: Any) -> int:
     """Reported by kopf's liveness endpoint (``--liveness``)."""
-    return len(_wakeups)
+    return len(_state.runs)
+
+
+# ------------------------------------------------------------------------------------------------
+# caches fed by the watches
+# ------------------------------------------------------------------------------------------------
+def _rv(obj: dict[str, Any] | None) -> int:
+    """resourceVersion as an int (etcd's revision) for "which copy is newer"; -1 if unknown."""
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or -1)
+    except ValueError:
+        return -1
+
+
+def _store_run(key: RunKey, body: dict[str, Any]) -> None:
+    """Keep the newest copy: a late watch event must not undo the status this operator wrote.
+
+    ``managedFields`` are dropped: nothing reads them, and they are most of a small run's size.
+    """
+    if body.get("metadata", {}).get("managedFields") is not None:
+        body = {**body, "metadata": {k: v for k, v in body["metadata"].items() if k != "managedFields"}}
+    cached = _state.runs.get(key)
+    same_run = cached is not None and cached["metadata"].get("uid") == body["metadata"].get("uid")
+    if same_run and _rv(cached) > _rv(body) >= 0:
+        return
+    _state.runs[key] = body
+
+
+def slim_pod(body: Any) -> dict[str, Any]:
+    """What reconciliation reads of a pod: metadata, phase and container states (no spec)."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {k: v for k, v in annotations.items() if k == builders.PROGRESS_ANNOTATION},
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "ownerReferences": [
+                {"uid": r.get("uid"), "controller": r.get("controller")}
+                for r in meta.get("ownerReferences") or []
+            ],
+        },
+        "status": {
+            k: status[k]
+            for k in ("phase", "reason", "message", "startTime", "containerStatuses")
+            if k in status
+        },
+    }
+
+
+def slim_child(body: Any) -> dict[str, Any]:
+    """A Service or ConfigMap: name, uid, owner, whether it is going, a hash of its data."""
+    meta = body.get("metadata") or {}
+    data = body.get("data")
+    return {
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "owner": refusals.owner_uid(body),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "data": _digest(data) if data is not None else None,
+    }
+
+
+def _digest(data: Any) -> str:
+    text = "\0".join(f"{k}={v}" for k, v in sorted((data or {}).items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@kopf.index("v1", "pods", labels=CHILD_LABELS)
+def kubearch_pods(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+    return {(namespace, labels[builders.RUN_LABEL]): slim_pod(body)}
+
+
+@kopf.index("v1", "services", labels=CHILD_LABELS)
+def kubearch_services(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+    return {(namespace, labels[builders.RUN_LABEL]): slim_child(body)}
+
+
+@kopf.index("v1", "configmaps", labels=CHILD_LABELS)
+def kubearch_configmaps(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+    return {(namespace, labels[builders.RUN_LABEL]): slim_child(body)}
+
+
+def _grab_indexes(kwargs: dict[str, Any]) -> None:
+    if not _state.indexes:
+        _state.indexes = {n: kwargs[n] for n in ("kubearch_pods", "kubearch_services", "kubearch_configmaps")}
+
+
+def _enqueue(key: RunKey) -> None:
+    if _state.queue is not None:
+        _state.queue.add(key)
+        QUEUE_DEPTH.set(len(_state.queue))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_run_event(event: dict[str, Any], namespace: str, name: str, **kwargs: Any) -> None:
+    """Every event of a run (including the initial listing) updates the cache and queues it."""
+    _grab_indexes(kwargs)
+    key = (namespace, name)
+    if event.get("type") == "DELETED":
+        _forget(key, event["object"])
+        return
+    _store_run(key, event["object"])
+    _enqueue(key)
+
+
+def _forget(key: RunKey, body: dict[str, Any]) -> None:
+    cached = _state.runs.get(key)
+    if cached is not None and cached["metadata"].get("uid") != body["metadata"].get("uid"):
+        return  # a newer run of the same name is already cached
+    _state.runs.pop(key, None)
+    _state.expectations.clear(key)
+    uid = body["metadata"].get("uid")
+    with _state.lock:
+        for spec_key in [k for k in _state.specs if k[0] == uid]:
+            _state.specs.pop(spec_key, None)
+    if _state.queue is not None:
+        _state.queue.drop(key)
+    _record_phase(key, None)
+
+
+async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]) -> None:
+    key = (namespace, labels.get(builders.RUN_LABEL, ""))
+    _state.expectations.observed(key, name)
+    # The initial listing needs no pass of its own: each run's own listing event queues it.
+    if event.get("type") is not None and key in _state.runs:
+        _enqueue(key)
+
+
+@kopf.on.event("v1", "pods", labels=CHILD_LABELS)
+async def on_pod_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A pod of a run changed (phase, exit, deletion): reconcile its run."""
+    await _on_child_event(event, namespace, name, labels)
+
+
+@kopf.on.event("v1", "services", labels=CHILD_LABELS)
+@kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
+async def on_child_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A Service or ConfigMap of a run changed or went away: re-ensure it."""
+    await _on_child_event(event, namespace, name, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# workers
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What one pass sees: copies taken in the event loop, so the worker thread reads no live
+    structure that the watches mutate."""
+
+    key: RunKey
+    run: dict[str, Any]
+    pods: list[dict[str, Any]]
+    services: list[dict[str, Any]]
+    configmaps: list[dict[str, Any]]
+
+
+@dataclass
+class Outcome:
+    requeue_after: float | None = None
+    retry: bool = False  # an error: back off
+    gone: bool = False
+    written: dict[str, Any] | None = None  # the run as the status write returned it
+
+
+def _index_values(name: str, key: RunKey) -> list[dict[str, Any]]:
+    index = _state.indexes.get(name)
+    store = index.get(key) if index is not None else None
+    return list(store) if store is not None else []
+
+
+async def _worker(number: int) -> None:
+    queue = _state.queue
+    assert queue is not None and _state.pool is not None
+    loop = asyncio.get_running_loop()
+    while True:
+        key, waited = await queue.get()
+        QUEUE_SECONDS.observe(waited)
+        QUEUE_DEPTH.set(len(queue))
+        try:
+            await _process(key, queue, loop)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in this wiring must not kill the worker
+            log.exception("worker %d: unexpected error for %s/%s", number, *key)
+            queue.retry(key)
+        finally:
+            queue.done(key)
+
+
+async def _process(key: RunKey, queue: WorkQueue, loop: asyncio.AbstractEventLoop) -> None:
+    run = _state.runs.get(key)
+    if run is None:
+        return
+    wait = _state.expectations.satisfied(key)
+    if wait is not None:  # pods this run created are not in the cache yet: their events re-queue it
+        queue.add_after(key, wait)
+        return
+    snap = Snapshot(
+        key,
+        run,
+        _index_values("kubearch_pods", key),
+        _index_values("kubearch_services", key),
+        _index_values("kubearch_configmaps", key),
+    )
+    outcome = await loop.run_in_executor(_state.pool, reconcile_run, snap)
+    if outcome.written is not None:
+        _store_run(key, outcome.written)
+    if outcome.gone:
+        queue.drop(key)
+        return
+    if outcome.retry:
+        queue.retry(key)
+        return
+    queue.forget(key)
+    if outcome.requeue_after is not None:
+        queue.add_after(key, outcome.requeue_after)
+
+
+async def _safety_resync(period: float) -> None:
+    """Re-queue every run once per ``period``, spread over it (no burst of passes)."""
+    while True:
+        keys = list(_state.runs)
+        step = period / max(1, len(keys))
+        if not keys:
+            await asyncio.sleep(period)
+        for key in keys:
+            await asyncio.sleep(step)
+            if key in _state.runs:
+                _enqueue(key)
+
+
+# ------------------------------------------------------------------------------------------------
+# the reconcile pass (blocking; runs in a worker thread)
+# ------------------------------------------------------------------------------------------------
+class Refused(Exception):
+    """The API server refused an object built from the spec (400/413/422): never retried."""
+
+
+class Blocked(Exception):
+    """A child of an earlier run of the same name is in the way; it is being deleted."""
+
+
+def reconcile_run(snap: Snapshot) -> Outcome:
+    """One pass for one run, timed; every error becomes an Outcome (logged once, no traceback
+    for the API server being away)."""
+    started = time.perf_counter()
+    try:
+        outcome = _reconcile(snap)
+        outage.ok()
+        return outcome
+    except ApiException as err:
+        outage.ok()  # it answered
+        RECONCILES.labels(result="error").inc()
+        if err.status == 409:  # our copy of the run was stale: the watch brings the new one
+            ERRORS.labels(kind="conflict").inc()
+            log.debug("%s/%s: conflict, retrying: %s", *snap.key, err.reason)
+        elif err.status == 404:  # the run is gone
+            return Outcome(gone=True)
+        else:
+            ERRORS.labels(kind=f"api{err.status}").inc()
+            log.warning("%s/%s: reconcile failed: %s %s; will retry", *snap.key, err.status, err.reason)
+        return Outcome(retry=True)
+    except CONNECTION_ERRORS as err:
+        ERRORS.labels(kind="connection").inc()
+        RECONCILES.labels(result="error").inc()
+        outage.failed(err)
+        return Outcome(retry=True)
+    except Exception:
+        ERRORS.labels(kind="internal").inc()
+        RECONCILES.labels(result="error").inc()
+        log.exception("%s/%s: reconcile failed", *snap.key)
+        return Outcome(retry=True)
+    finally:
+        RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _plan(uid: str, name: str, generation: Any, spec_body: Any) -> tuple[Any, builders.RunPlan]:
+    """Parsed spec and plan, cached per (uid, generation): a pass on a pod event re-parses nothing."""
+    cache_key = (uid, generation)
+    cached = _state.specs.get(cache_key)
+    if cached is None:
+        try:
+            check_run_name(name)
+            spec = parse_spec(spec_body)
+            cached = (spec, builders.plan_run(spec))
+        except ConfigError as err:
+            cached = err
+        with _state.lock:
+            for stale in [k for k in _state.specs if k[0] == uid and k != cache_key]:
+                _state.specs.pop(stale, None)
+            _state.specs[cache_key] = cached
+    if isinstance(cached, ConfigError):
+        raise cached
+    return cached
+
+
+def _reconcile(snap: Snapshot) -> Outcome:
+    run = snap.run
+    meta = run["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    key = snap.key
+    if meta.get("deletionTimestamp"):
+        _record_phase(key, None)
+        return Outcome(gone=True)
+    stored = run.get("status") or {}
+    status = parse_status(stored)
+    now = datetime.now(UTC)
+    generation = meta.get("generation")
+    try:
+        spec, plan = _plan(uid, name, generation, run.get("spec"))
+    except ConfigError as err:
+        new = invalid_spec(status, str(err), now, generation)
+        written = _write_status(run, stored, new.model_dump(mode="json", by_alias=True))
+        if (stored.get("message") or "") != new.message:
+            _post_event(run, "Warning", "InvalidSpec", str(err))
+        RECONCILES.labels(result="invalid").inc()
+        _record_phase(key, new.phase)
+        return Outcome(written=written)
+
+    owned = [p for p in snap.pods if _owned(p, uid)]
+    foreign = [p for p in snap.pods if not _owned(p, uid)]
+    decision = reconcile(
+        spec, status, owned, now, run=name, shape=plan.shape.model_copy(), generation=generation
+    )
+    # Status first, actions second: a crash in between leaves the intent recorded (e.g. the new
+    # restartCount), and the next pass finishes the job (old-attempt pods are deleted as stale).
+    new = decision.status.model_dump(mode="json", by_alias=True)
+    written = _write_status(run, stored, new)
+    current_run = written or run
+    for pod in foreign:  # pods of an earlier run of this name (the garbage collector is slower)
+        if not pod["metadata"].get("deletionTimestamp"):
+            _delete(
+                _clients["core"].delete_namespaced_pod,
+                pod["metadata"]["name"],
+                namespace,
+                pod["metadata"]["uid"],
+            )
+    for pod_name in decision.delete_pods:
+        _delete(_clients["core"].delete_namespaced_pod, pod_name, namespace)
+    outcome = Outcome(written=written, requeue_after=decision.requeue_after)
+    phase = decision.status.phase
+    if phase not in TERMINAL_PHASES:
+        try:
+            ready = _ensure_children(snap, spec, plan, decision)
+            if decision.create_group and ready and not foreign:
+                shape = decision.status.chosen_shape or plan.shape
+                _ensure_group(snap, spec, shape, decision.status.restart_count, owned)
+            elif decision.create_group:
+                outcome.requeue_after = 1.0  # the way is being cleared; events re-queue sooner
+        except Refused as err:
+            message = str(err)
+            log.warning("%s/%s: %s", namespace, name, message)
+            failed = refusals.refused(decision.status, message, now)
+            fresh = current_run.get("status") or {}
+            written2 = _write_status(current_run, fresh, failed.model_dump(mode="json", by_alias=True))
+            outcome.written = written2 or outcome.written
+            decision.events.append(("Warning", refusals.REFUSED_REASON, message))
+            phase = failed.phase
+            outcome.requeue_after = 0.5  # apply cleanPodPolicy to what was created before
+        except ConfigError as err:
+            refused = invalid_spec(decision.status, str(err), now, generation)
+            fresh = current_run.get("status") or {}
+            written2 = _write_status(current_run, fresh, refused.model_dump(mode="json", by_alias=True))
+            outcome.written = written2 or outcome.written
+    for type_, reason, message in decision.events:
+        _post_event(run, type_, reason, message)
+    _record_phase(key, phase)
+    RECONCILES.labels(result="ok").inc()
+    if decision.delete_run:
+        log.info("deleting %s/%s: ttlSecondsAfterFinished passed", namespace, name)
+        _delete(
+            lambda n, ns, **kw: _clients["custom"].delete_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, n, propagation_policy="Background", **kw
+            ),
+            name,
+            namespace,
+            uid,
+        )
+        _record_phase(key, None)
+        return Outcome(gone=True)
+    return outcome
+
+
+def _owned(obj: dict[str, Any], uid: str) -> bool:
+    return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
 # ------------------------------------------------------------------------------------------------
 # API helpers (every call idempotent)
 # ------------------------------------------------------------------------------------------------
-def _to_dict(obj: Any) -> dict[str, Any]:
-    return _clients["api"].sanitize_for_serialization(obj)
-
-
-def _create_if_absent(create: Any, namespace: str, body: dict[str, Any]) -> bool:
-    """Create; False if it already exists (a previous pass, or another operator replica, made it)."""
+def _create(kind: str, create: Any, namespace: str, body: dict[str, Any]) -> bool:
+    """Create; False on 409. A refusal (400/413/422) raises :class:`Refused` naming the object."""
     try:
-        create(namespace, body)
+        create(namespace, body, _preload_content=False)  # the response is not needed: no parsing
         return True
     except ApiException as err:
         if err.status == 409:
             return False
+        if refusals.is_refused(err.status):
+            raise Refused(
+                refusals.describe_refusal(kind, body["metadata"]["name"], err.status, err.body)
+            ) from None
         raise
 
 
-def _delete_pod(namespace: str, name: str) -> None:
+def _delete(delete: Any, name: str, namespace: str, uid: str | None = None) -> None:
+    """Delete, optionally only if ``uid`` still names the object (never a newer namesake)."""
+    kwargs: dict[str, Any] = {}
+    if uid is not None:
+        kwargs["body"] = kubernetes.client.V1DeleteOptions(
+            preconditions=kubernetes.client.V1Preconditions(uid=uid)
+        )
     try:
-        _clients["core"].delete_namespaced_pod(name, namespace, grace_period_seconds=30)
+        delete(name, namespace, **kwargs)
     except ApiException as err:
-        if err.status != 404:
+        if err.status not in (404, 409):  # gone already / precondition failed: someone else's now
             raise
+
+
+def _check_existing(kind: str, read: Any, delete: Any, name: str, namespace: str, uid: str) -> bool:
+    """After a 409: True if the existing object is ours; else delete it (it belongs to an earlier
+    run of the same name) and return False."""
+    try:
+        existing = _clients["api"].sanitize_for_serialization(read(name, namespace))
+    except ApiException as err:
+        if err.status == 404:
+            return False  # deleted meanwhile: the next pass creates it
+        raise
+    owner = refusals.owner_uid(existing)
+    if owner == uid:
+        return True
+    log.info("%s/%s: %s %s belongs to another owner (%s); replacing it", namespace, name, kind, name, owner)
+    _delete(delete, name, namespace, existing["metadata"].get("uid"))
+    return False
+
+
+def _ensure_child(
+    kind: str,
+    cached: Iterable[dict[str, Any]],
+    name: str,
+    namespace: str,
+    build: Any,
+    uid: str,
+    resource: str,
+) -> tuple[bool, dict[str, Any] | None]:
+    """Make the object ``build()`` returns exist and be ours; (ours now, our cached copy).
+
+    ``build`` is called only when a request is needed: a pass that finds the object in the
+    cache renders nothing (the ConfigMap's YAML is the costliest part of a pass).
+    """
+    core = _clients["core"]
+    delete = getattr(core, f"delete_namespaced_{resource}")
+    mine = next((c for c in cached if c["name"] == name), None)
+    if mine is not None:
+        if mine["owner"] == uid and not mine["deleting"]:
+            return True, mine
+        if not mine["deleting"]:
+            log.info(
+                "%s/%s: %s belongs to another owner (%s); replacing it", namespace, name, kind, mine["owner"]
+            )
+            _delete(delete, name, namespace, mine["uid"])
+        return False, None
+    if _create(kind, getattr(core, f"create_namespaced_{resource}"), namespace, build()):
+        return True, None
+    read = getattr(core, f"read_namespaced_{resource}")
+    if _check_existing(kind, read, delete, name, namespace, uid):
+        return True, {"name": name, "data": None}  # ours, content unknown to the cache
+    return False, None
+
+
+def _ensure_children(snap: Snapshot, spec: Any, plan: builders.RunPlan, decision: Any) -> bool:
+    """Service and ConfigMap, on every pass (from the cache: no request when both are there).
+
+    The ConfigMap's content is brought up to date only when a group is about to be created
+    (``resume`` changes with restarts); a running group keeps the config it started with.
+    True when both are this run's.
+    """
+    meta = snap.run["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    svc_ok, _ = _ensure_child(
+        "Service",
+        snap.services,
+        builders.service_name(name),
+        namespace,
+        lambda: builders.build_service(name, namespace, uid, spec),
+        uid,
+        "service",
+    )
+    resume = decision.resume if decision.create_group else _resume_of(decision.status)
+    rendered: list[dict[str, Any]] = []
+
+    def configmap() -> dict[str, Any]:
+        if not rendered:
+            rendered.append(builders.build_configmap(name, namespace, uid, plan, resume=resume))
+        return rendered[0]
+
+    cm_name = builders.configmap_name(name)
+    cm_ok, cached = _ensure_child(
+        "ConfigMap", snap.configmaps, cm_name, namespace, configmap, uid, "config_map"
+    )
+    if (
+        cm_ok
+        and decision.create_group
+        and cached is not None
+        and cached["data"] != _digest(configmap()["data"])
+    ):
+        try:
+            _clients["core"].patch_namespaced_config_map(
+                cm_name, namespace, {"data": configmap()["data"]}, _preload_content=False
+            )
+        except ApiException as err:
+            if refusals.is_refused(err.status):
+                raise Refused(refusals.describe_refusal("ConfigMap", cm_name, err.status, err.body)) from None
+            raise
+    return svc_ok and cm_ok
+
+
+def _resume_of(status: Any) -> bool:
+    """Whether a group created now would resume (as :func:`status.reconcile` decides it)."""
+    return status.restart_count > 0 or any(c.type == "Suspended" for c in status.conditions)
+
+
+def _ensure_group(snap: Snapshot, spec: Any, shape: Any, attempt: int, owned: list[dict[str, Any]]) -> None:
+    """PodGroup (gang) and the pods of ``attempt`` that the cache does not show yet."""
+    core, custom = _clients["core"], _clients["custom"]
+    meta = snap.run["metadata"]
+    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
+    group = builders.build_pod_group(name, namespace, uid, spec, shape)
+    if group is not None:
+        api_group, version = group["apiVersion"].split("/")
+        try:
+            custom.create_namespaced_custom_object(api_group, version, namespace, "podgroups", group)
+        except ApiException as err:
+            if err.status == 404:
+                raise ConfigError(
+                    f"runPolicy.schedulingPolicy: the API server has no {group['apiVersion']} PodGroup"
+                ) from None
+            if refusals.is_refused(err.status):
+                raise Refused(refusals.describe_refusal("PodGroup", name, err.status, err.body)) from None
+            if err.status != 409:
+                raise
+    present = {p["metadata"]["name"] for p in owned}
+    todo = [
+        p
+        for p in builders.build_pods(name, namespace, uid, spec, shape, attempt)
+        if p["metadata"]["name"] not in present
+    ]
+    # Expect before creating: the watch event may arrive before the create call returns.
+    names = [p["metadata"]["name"] for p in todo]
+    _state.expectations.expect(snap.key, names)
+    unseen = set(names)  # pods whose ADDED event will never come (not created by this call)
+    created = 0
+    try:
+        for pod in todo:
+            pod_name = pod["metadata"]["name"]
+            if _create("Pod", core.create_namespaced_pod, namespace, pod):
+                created += 1
+                unseen.discard(pod_name)
+                continue
+            _check_existing(
+                "Pod", core.read_namespaced_pod, core.delete_namespaced_pod, pod_name, namespace, uid
+            )
+    finally:
+        for pod_name in unseen:
+            _state.expectations.observed(snap.key, pod_name)
+        POD_CREATIONS.inc(created)
 
 
 def _post_event(run: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -150,133 +795,22 @@ def _post_event(run: dict[str, Any], type_: str, reason: str, message: str) -> N
         "count": 1,
     }
     try:
-        _clients["core"].create_namespaced_event(meta["namespace"], body)
+        _clients["core"].create_namespaced_event(meta["namespace"], body, _preload_content=False)
     except ApiException as err:  # events are best effort
         log.warning("could not post event %s: %s", reason, err.reason)
 
 
-def _ensure_group(
-    run: dict[str, Any], spec: Any, plan: builders.RunPlan, shape: Any, attempt: int, resume: bool
-) -> int:
-    """Service, ConfigMap, PodGroup (gang) and the pods of ``attempt`` in ``shape``; pods created."""
-    core, custom = _clients["core"], _clients["custom"]
-    name, ns, uid = run["metadata"]["name"], run["metadata"]["namespace"], run["metadata"]["uid"]
-    _create_if_absent(core.create_namespaced_service, ns, builders.build_service(name, ns, uid, spec))
-    cm = builders.build_configmap(name, ns, uid, plan, resume=resume)
-    if not _create_if_absent(core.create_namespaced_config_map, ns, cm):
-        core.patch_namespaced_config_map(cm["metadata"]["name"], ns, {"data": cm["data"]})
-    group = builders.build_pod_group(name, ns, uid, spec, shape)
-    if group is not None:
-        api_group, version = group["apiVersion"].split("/")
-        try:
-            custom.create_namespaced_custom_object(api_group, version, ns, "podgroups", group)
-        except ApiException as err:
-            if err.status == 404:
-                raise ConfigError(
-                    f"runPolicy.schedulingPolicy: the API server has no {group['apiVersion']} PodGroup"
-                ) from None
-            if err.status != 409:
-                raise
-    created = 0
-    for pod in builders.build_pods(name, ns, uid, spec, shape, attempt):
-        if _create_if_absent(core.create_namespaced_pod, ns, pod):
-            created += 1
-    POD_CREATIONS.inc(created)
-    return created
-
-
-def _record_phase(key: tuple[str, str], phase: str | None) -> None:
-    with _phases_lock:
+def _record_phase(key: RunKey, phase: str | None) -> None:
+    with _state.lock:
         if phase is None:
-            _phases.pop(key, None)
+            _state.phases.pop(key, None)
         else:
-            _phases[key] = phase
+            _state.phases[key] = phase
         counts = {p: 0 for p in PHASES}
-        for p in _phases.values():
+        for p in _state.phases.values():
             counts[p] = counts.get(p, 0) + 1
     for p, n in counts.items():
         RUNS.labels(phase=p).set(n)
-
-
-# ------------------------------------------------------------------------------------------------
-# the reconcile pass (blocking; runs in a worker thread)
-# ------------------------------------------------------------------------------------------------
-def reconcile_run(namespace: str, name: str) -> float | None:
-    """One pass for one run; returns seconds until a deadline/TTL is due, None, or GONE."""
-    core, custom = _clients["core"], _clients["custom"]
-    key = (namespace, name)
-    try:
-        run = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as err:
-        if err.status == 404:
-            _record_phase(key, None)
-            return GONE
-        raise
-    meta = run["metadata"]
-    if meta.get("deletionTimestamp"):
-        _record_phase(key, None)
-        return GONE
-    stored = run.get("status") or {}
-    status = parse_status(stored)
-    now = datetime.now(UTC)
-    generation = meta.get("generation")
-    try:
-        check_run_name(name)
-        spec = parse_spec(run.get("spec"))
-        plan = builders.plan_run(spec)
-    except ConfigError as err:
-        new = invalid_spec(status, str(err), now, generation)
-        _write_status(run, stored, new.model_dump(mode="json", by_alias=True))
-        if (stored.get("message") or "") != new.message:
-            _post_event(run, "Warning", "InvalidSpec", str(err))
-        RECONCILES.labels(result="invalid").inc()
-        _record_phase(key, new.phase)
-        return None
-
-    pods = [
-        _to_dict(p)
-        for p in core.list_namespaced_pod(namespace, label_selector=builders.run_selector(name)).items
-    ]
-    # Pods left by an earlier run of the same name (no garbage collector yet): not ours, delete them.
-    foreign = [
-        p
-        for p in pods
-        if all(o.get("uid") != meta["uid"] for o in p["metadata"].get("ownerReferences") or [])
-    ]
-    owned = [p for p in pods if p not in foreign]
-    decision = reconcile(spec, status, owned, now, run=name, shape=plan.shape, generation=generation)
-    # Status first, actions second: a crash in between leaves the intent recorded (e.g. the new
-    # restartCount), and the next pass finishes the job (old-attempt pods are deleted as stale).
-    new = decision.status.model_dump(mode="json", by_alias=True)
-    _write_status(run, stored, new)
-    for pod in foreign:
-        if not pod["metadata"].get("deletionTimestamp"):
-            _delete_pod(namespace, pod["metadata"]["name"])
-    for pod_name in decision.delete_pods:
-        _delete_pod(namespace, pod_name)
-    if decision.create_group and not foreign:
-        try:
-            shape = decision.status.chosen_shape or plan.shape
-            _ensure_group(run, spec, plan, shape, decision.status.restart_count, decision.resume)
-        except ConfigError as err:
-            refused = invalid_spec(decision.status, str(err), now, generation)
-            _write_status(run, new, refused.model_dump(mode="json", by_alias=True))
-    for type_, reason, message in decision.events:
-        _post_event(run, type_, reason, message)
-    _record_phase(key, decision.status.phase)
-    RECONCILES.labels(result="ok").inc()
-    if decision.delete_run:
-        log.info("deleting %s/%s: ttlSecondsAfterFinished passed", namespace, name)
-        try:
-            custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
-            )
-        except ApiException as err:
-            if err.status != 404:
-                raise
-        _record_phase(key, None)
-        return GONE
-    return decision.requeue_after
 
 
 def _prune(value: Any) -> Any:
@@ -289,84 +823,19 @@ def _prune(value: Any) -> Any:
     return value
 
 
-def _write_status(run: dict[str, Any], stored: dict[str, Any], new: dict[str, Any]) -> None:
-    """Patch the status subresource, unless nothing changed (no write, no event, per resync)."""
+def _write_status(run: dict[str, Any], stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """Patch the status subresource unless nothing changed; returns the run as written.
+
+    The run's resourceVersion goes into the patch as a precondition: a status decided on a stale
+    copy of the run is refused (409) and decided again on the newer copy.
+    """
     if _prune(new) == _prune(stored):
-        return
+        return None
     meta = run["metadata"]
-    _clients["custom"].patch_namespaced_custom_object_status(
-        GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], {"status": new}
+    patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": new}
+    return _clients["custom"].patch_namespaced_custom_object_status(
+        GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch
     )
 
 
-def _wake(namespace: str | None, name: str | None) -> None:
-    """Called from async handlers only: asyncio.Event is not thread-safe."""
-    event = _wakeups.get((namespace or "", name or ""))
-    if event is not None:
-        event.set()
-
-
-# ------------------------------------------------------------------------------------------------
-# kopf handlers
-# ------------------------------------------------------------------------------------------------
-async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
-    """Until a wake-up, a stop request (kopf's flag: exit promptly, no cancellation) or ``timeout``."""
-    waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waiters, return_exceptions=True)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def run_loop(name: str, namespace: str, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:
-    """The per-run reconcile loop (see the module docstring)."""
-    key = (namespace, name)
-    wake = _wakeups.setdefault(key, asyncio.Event())
-    try:
-        while not stopped:
-            wake.clear()
-            started = time.perf_counter()
-            try:
-                requeue = await asyncio.to_thread(reconcile_run, namespace, name)
-            except ApiException as err:
-                ERRORS.labels(kind="api").inc()
-                RECONCILES.labels(result="error").inc()
-                logger.warning("reconcile failed: %s %s", err.status, err.reason)
-                requeue = 2.0
-            except Exception:
-                ERRORS.labels(kind="internal").inc()
-                RECONCILES.labels(result="error").inc()
-                logger.exception("reconcile failed")
-                requeue = 5.0
-            finally:
-                RECONCILE_SECONDS.observe(time.perf_counter() - started)
-            if requeue == GONE:
-                return
-            timeout = RESYNC_SECONDS if requeue is None else max(0.1, min(RESYNC_SECONDS, requeue))
-            await _sleep(wake, stopped, timeout)
-    finally:
-        _wakeups.pop(key, None)
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def on_run_changed(name: str, namespace: str, **_: Any) -> None:
-    """Any change of the run: reconcile now rather than at the next resync."""
-    _wake(namespace, name)
-
-
-@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")
-async def on_suspend_changed(old: Any, new: Any, name: str, namespace: str, logger: Any, **_: Any) -> None:
-    logger.info("runPolicy.suspend: %s -> %s", old, new)
-    _wake(namespace, name)
-
-
-@kopf.on.event("", "v1", "pods", labels={builders.APP_LABEL: builders.APP, builders.RUN_LABEL: kopf.PRESENT})
-async def on_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    """A pod of a run changed (phase, exit, deletion): wake its run's loop."""
-    _wake(namespace, labels.get(builders.RUN_LABEL))
+from . import search_handlers  # noqa: E402, F401  (registers the ArchitectureSearch handlers)

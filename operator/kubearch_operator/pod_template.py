@@ -24,7 +24,7 @@ import copy
 from typing import Annotated, Any
 
 from kubearch_trainer.config import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 #: A Kubernetes object kept as it is (the API server validates it when the pod is created).
@@ -32,6 +32,12 @@ RawObject = Annotated[
     dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
 ]
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+#: Every string, list and map has a bound (the CRD's schema and CEL cost need them; issue 9).
+MAX_ITEMS = 64
+Name = Annotated[str, StringConstraints(max_length=253)]  # a DNS-1123 subdomain at most
+MetaKey = Annotated[str, StringConstraints(max_length=317)]  # prefix (253) + "/" + name (63)
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+AnnotationValue = Annotated[str, StringConstraints(max_length=4096)]
 
 
 class PodTemplateError(ConfigError):
@@ -47,11 +53,13 @@ class _Api(BaseModel):
 class ContainerOverride(_Api):
     """Merged into kubearch's container of the same ``name`` (``trainer`` or ``wait-for-master``)."""
 
-    name: str = Field(description="trainer, or wait-for-master under initContainers.")
+    name: str = Field(max_length=63, description="trainer, or wait-for-master under initContainers.")
     env: list[RawObject] = Field(
-        default_factory=list, description="Merged by name; kubearch's names refused."
+        default_factory=list, max_length=MAX_ITEMS, description="Merged by name; kubearch's names refused."
     )
-    volume_mounts: list[RawObject] = Field(default_factory=list, description="Merged by mountPath.")
+    volume_mounts: list[RawObject] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Merged by mountPath."
+    )
     security_context: RawObject | None = Field(None, description="Merged key by key.")
     resources: RawObject | None = Field(
         None, description="Init containers only: the trainer's come from spec.resources."
@@ -59,19 +67,23 @@ class ContainerOverride(_Api):
 
 
 class TemplateMetadata(_Api):
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[MetaKey, LabelValue] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    annotations: dict[MetaKey, AnnotationValue] = Field(default_factory=dict, max_length=MAX_ITEMS)
 
 
 class PodSpecOverride(_Api):
-    service_account_name: str | None = None
-    image_pull_secrets: list[RawObject] = Field(default_factory=list, description="Merged by name.")
+    service_account_name: Name | None = None
+    image_pull_secrets: list[RawObject] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Merged by name."
+    )
     affinity: RawObject | None = None
-    priority_class_name: str | None = None
+    priority_class_name: Name | None = None
     security_context: RawObject | None = Field(None, description="Pod securityContext, merged key by key.")
-    volumes: list[RawObject] = Field(default_factory=list, description="Merged by name.")
-    containers: list[ContainerOverride] = Field(default_factory=list)
-    init_containers: list[ContainerOverride] = Field(default_factory=list)
+    volumes: list[RawObject] = Field(
+        default_factory=list, max_length=MAX_ITEMS, description="Merged by name."
+    )
+    containers: list[ContainerOverride] = Field(default_factory=list, max_length=MAX_ITEMS)
+    init_containers: list[ContainerOverride] = Field(default_factory=list, max_length=MAX_ITEMS)
 
 
 class PodTemplate(_Api):
@@ -81,6 +93,7 @@ class PodTemplate(_Api):
     spec: PodSpecOverride = Field(default_factory=PodSpecOverride)
     gpu_resource_name: str = Field(
         DEFAULT_GPU_RESOURCE,
+        max_length=253,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9._]*[a-z0-9])?$",
         description="Extended resource of the GPUs: nvidia.com/gpu, amd.com/gpu, nvidia.com/mig-1g.10gb ...",
     )

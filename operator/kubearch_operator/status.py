@@ -13,11 +13,16 @@ Rules (Kubeflow's meanings, with the failure modes its users report fixed):
 * Exit codes are classified with ``kubearch_trainer.exit_codes``: config/data errors, NaN aborts and
   CUDA OOM (and a container ``OOMKilled``) fail the run at once; 130/137/143 (preemption, eviction,
   node shutdown), evicted/preempted pods, 1 and any other code are retried.
-* The master (index 0) succeeding makes the run Succeeded (torchrun nodes finish together).
+* The master (index 0) succeeding makes the run Succeeded (torchrun nodes finish together), even
+  if a worker fails after it (Kubeflow: master success is job success); success is final.
+* A changed condition moves to the end of ``status.conditions`` (Kubeflow's convention), so
+  ``conditions[-1]`` is the current state.
 * ``activeDeadlineSeconds`` counts from ``startTime`` (set when the group is first created, reset by
   suspend like a Job's); past it the run Fails with ``DeadlineExceeded``.
 * ``suspend`` deletes the pods and keeps status; resuming creates the group again from the
-  checkpoint. At a terminal phase ``cleanPodPolicy`` deletes All pods, the unfinished (Running)
+  checkpoint. Without ``checkpointClaim`` there is none to resume from (emptyDir): the run says
+  so with ``CheckpointPersistent=False`` and a ``RestartFromScratch`` event per recreated group.
+  At a terminal phase ``cleanPodPolicy`` deletes All pods, the unfinished (Running)
   ones, or None; ``ttlSecondsAfterFinished`` then deletes the run itself.
 """
 
@@ -160,16 +165,26 @@ class Decision:
 def set_condition(
     st: TrainingRunStatus, type_: str, status: str, reason: str, message: str, now: datetime
 ) -> None:
-    """Upsert a condition; its transition time moves only when its status does."""
-    for c in st.conditions:
-        if c.type == type_:
-            if c.status != status:
-                c.last_transition_time = rfc3339(now)
-            c.status, c.reason, c.message = status, reason, message  # type: ignore[assignment]
-            return
+    """Set a condition the way Kubeflow's ``setCondition`` does: a change moves it to the end.
+
+    Tools read ``conditions[-1]`` as the current state (Kubeflow's convention, ``kubectl wait``
+    scripts, dashboards), so a condition whose status or reason changes is taken out and appended;
+    one that only refreshes its message stays where it is. ``lastTransitionTime`` moves only when
+    ``status`` does.
+    """
+    current = next((c for c in st.conditions if c.type == type_), None)
+    if current is not None and current.status == status and current.reason == reason:
+        current.message = message
+        return
+    since = current.last_transition_time if current is not None and current.status == status else None
+    st.conditions = [c for c in st.conditions if c.type != type_]
     st.conditions.append(
         Condition(
-            type=type_, status=status, reason=reason, message=message, last_transition_time=rfc3339(now)
+            type=type_,
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            message=message,
+            last_transition_time=since or rfc3339(now),
         )
     )
 
@@ -244,14 +259,50 @@ def _replica_statuses(pods: list[PodView]) -> dict[str, ReplicaStatus]:
     return out
 
 
+FROM_SCRATCH = (
+    "this group starts over at step 0: without resources.checkpointClaim the checkpoints lived in "
+    "an emptyDir that went away with the previous pods"
+)
+
+
+def _checkpoint_condition(spec: TrainingRunSpec, st: TrainingRunStatus, now: datetime) -> None:
+    """``CheckpointPersistent``: does a group restart or a resume continue, or start over?
+
+    Checkpoints go to ``/checkpoints``: a PersistentVolumeClaim when ``checkpointClaim`` names one,
+    else an emptyDir that is deleted with the pods. The emptyDir default keeps a first run free of
+    storage set-up, but then a restart cannot resume; this condition (and a ``RestartFromScratch``
+    event each time a group is recreated) says so instead of starting at step 0 silently.
+    """
+    claim = spec.resources.checkpoint_claim
+    if claim:
+        set_condition(
+            st,
+            "CheckpointPersistent",
+            "True",
+            "PersistentVolumeClaim",
+            f"checkpoints go to PersistentVolumeClaim {claim}: restarts and resumes continue from them",
+            now,
+        )
+    else:
+        set_condition(
+            st,
+            "CheckpointPersistent",
+            "False",
+            "EmptyDir",
+            "checkpoints go to an emptyDir deleted with the pods: a group restart or a resume starts "
+            "over at step 0; set resources.checkpointClaim to a PersistentVolumeClaim to resume",
+            now,
+        )
+
+
 def _finish(st: TrainingRunStatus, phase: str, reason: str, message: str, now: datetime) -> None:
     st.phase = phase  # type: ignore[assignment]
     st.message = message
     st.completion_time = rfc3339(now)
-    set_condition(st, phase, "True", reason, message, now)
     set_condition(st, "Running", "False", reason, message, now)
     if condition(st, "Restarting"):
         set_condition(st, "Restarting", "False", reason, message, now)
+    set_condition(st, phase, "True", reason, message, now)  # last: the run's final state
 
 
 def _terminal(spec: TrainingRunSpec, d: Decision, views: list[PodView], now: datetime) -> Decision:
@@ -291,6 +342,7 @@ def reconcile(
     st = status.model_copy(deep=True)
     st.observed_generation = generation
     set_condition(st, "SpecValid", "True", "Valid", "spec accepted", now)
+    _checkpoint_condition(spec, st, now)
     d = Decision(status=st)
     views = [pod_view(p) for p in pods]
     same_attempt = [v for v in views if v.attempt == st.restart_count]
@@ -314,8 +366,8 @@ def reconcile(
         if st.phase != "Suspended":
             msg = "runPolicy.suspend is true: pods deleted, status kept"
             st.phase, st.message, st.start_time = "Suspended", msg, None
-            set_condition(st, "Suspended", "True", "Suspended", msg, now)
             set_condition(st, "Running", "False", "Suspended", msg, now)
+            set_condition(st, "Suspended", "True", "Suspended", msg, now)
             d.events.append(("Normal", "Suspended", msg))
         st.replica_statuses = _replica_statuses(
             [v for v in current if not v.deleting and v.name not in d.delete_pods]
@@ -342,8 +394,17 @@ def reconcile(
         d.delete_pods = [v.name for v in stale if not v.deleting]
         return d
 
-    failed = [classify_failure(v) for v in current if v.phase == "Failed"]
     by_name = {v.name: v for v in current}
+    master = by_name.get(pod_name(run, 0))
+    if master is not None and master.phase == "Succeeded":
+        # Kubeflow's rule: the master's success is the job's success, whatever a worker does
+        # after it (torch's shutdown race often makes one exit 1), and success is final.
+        msg = "the master finished successfully"
+        _finish(st, "Succeeded", "Succeeded", msg, now)
+        d.events.append(("Normal", "Succeeded", msg))
+        return _terminal(spec, d, views, now)
+
+    failed = [classify_failure(v) for v in current if v.phase == "Failed"]
     started = any(v.phase in ("Running", "Succeeded") for v in current)
     if not failed and started and st.phase in ("Running", "Restarting", "Created"):
         lost = [n for n in (pod_name(run, i) for i in range(nodes)) if n not in by_name]
@@ -359,8 +420,8 @@ def reconcile(
             st.restart_count += 1
             msg = f"{first.message}; restarting the group ({st.restart_count} of {rp.backoff_limit})"
             st.phase, st.message = "Restarting", msg
-            set_condition(st, "Restarting", "True", first.reason, msg, now)
             set_condition(st, "Running", "False", "Restarting", msg, now)
+            set_condition(st, "Restarting", "True", first.reason, msg, now)
             d.delete_pods = [v.name for v in current if not v.deleting]
             d.events.append(("Warning", "Restarting", msg))
             return d
@@ -369,16 +430,11 @@ def reconcile(
         d.events.append(("Warning", "BackoffLimitExceeded", msg))
         return _terminal(spec, d, views, now)
 
-    master = by_name.get(pod_name(run, 0))
-    if master is not None and master.phase == "Succeeded":
-        msg = "the master finished successfully"
-        _finish(st, "Succeeded", "Succeeded", msg, now)
-        d.events.append(("Normal", "Succeeded", msg))
-        return _terminal(spec, d, views, now)
-
     if len(current) < nodes:
         d.create_group = True
         d.resume = resumed or st.restart_count > 0 or condition(st, "Suspended") is not None
+        if d.resume and not spec.resources.checkpoint_claim and not current:
+            d.events.append(("Warning", "RestartFromScratch", FROM_SCRATCH))
         if st.start_time is None:
             st.start_time = rfc3339(now)
         if st.phase == "Pending":
@@ -391,9 +447,9 @@ def reconcile(
     if all(v.phase in ("Running", "Succeeded") for v in current) and st.phase != "Running":
         msg = f"all {nodes} pod(s) running"
         st.phase, st.message = "Running", msg
-        set_condition(st, "Running", "True", "PodsRunning", msg, now)
         if condition(st, "Restarting"):
             set_condition(st, "Restarting", "False", "PodsRunning", msg, now)
+        set_condition(st, "Running", "True", "PodsRunning", msg, now)
         d.events.append(("Normal", "Running", msg))
     return d
 

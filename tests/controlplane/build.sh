@@ -19,6 +19,9 @@ KWOK_VERSION="v0.7.0"
 # The Go release the toolchain must at least be (k8s.io/kubernetes's own go.mod `go` line).
 GO_MIN="1.24.0"
 GO_FALLBACK="go1.24.13"
+# `--version | head -1` under pipefail failed the script (exit 141) after a full build: head
+# exits after one line, and etcd's next write gets SIGPIPE. Read whole outputs instead.
+first_line() { local out; out="$("$@")"; printf '%s\n' "${out%%$'\n'*}"; }
 
 all_present() {
   local b
@@ -34,7 +37,22 @@ if all_present; then
   exit 0
 fi
 
+# --- a Go toolchain (shared with tests/helm/build-helm.sh) -----------------------------------
+# shellcheck source=go-env.sh
 source "$HERE/go-env.sh"
+
+# --- build ------------------------------------------------------------------------------------
+export CGO_ENABLED=0
+export GOFLAGS="-mod=mod -trimpath -buildvcs=false"
+# sum.golang.org is not reachable from every CI machine; go.sum (checked in) pins the hashes.
+export GOSUMDB="${GOSUMDB_OVERRIDE:-off}"
+export GONOSUMDB="${GONOSUMDB:-}"
+# k8s's version package is normally stamped by its Makefile; do the same so --version is honest.
+VPKG=k8s.io/component-base/version
+LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1"
+LDFLAGS+=" -X $VPKG.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $VPKG.gitTreeState=clean"
+LDFLAGS+=" -X $VPKG.buildDate=1970-01-01T00:00:00Z"
+LDFLAGS+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
 
 mkdir -p "${DEST%/*}"
 STAGE="$(mktemp -d "${DEST%/*}/stage.XXXXXX")"
@@ -59,6 +77,6 @@ mkdir -p "$DEST"
 for b in "${BINARIES[@]}"; do mv -f "$STAGE/$b" "$DEST/$b"; done
 echo "built in $(( $(date +%s) - start )) s:" >&2
 "$DEST/kube-apiserver" --version >&2
-"$DEST/etcd" --version | head -1 >&2
+first_line "$DEST/etcd" --version >&2
 "$DEST/kwok" --version >&2 || true
 echo "$DEST"

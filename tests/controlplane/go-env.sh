@@ -1,51 +1,52 @@
-# Sourced by build.sh and tests/e2e/build-node.sh: picks a Go toolchain (fetching one through
-# the module proxy when there is none) and sets the build environment and the version ldflags
-# that `make` in k8s.io/kubernetes would stamp. Expects K8S_VERSION and GO_MIN/GO_FALLBACK.
-# Sets GO_BIN and LDFLAGS; exports GOTOOLCHAIN, CGO_ENABLED, GOFLAGS, GOSUMDB.
+# Sourced (not run) by tests/controlplane/build.sh and tests/helm/build-helm.sh: finds a Go
+# toolchain and sets GO_BIN and GOTOOLCHAIN. One copy of this logic, so a machine without Go
+# builds Helm with the same fetched toolchain as the control plane (before, build-helm.sh called
+# a bare `go` and failed there).
+#
+# Order: KUBEARCH_GO=/path/to/go; `go` on PATH; /usr/local/go/bin/go; else an official toolchain
+# zip fetched from the Go module proxy into ~/.cache/kubearch/go-toolchain (KUBEARCH_GO=fetch
+# forces this). A go older than 1.21 cannot switch toolchains and is passed over. Callers may set
+# GO_MIN (the release their go.mod needs) before sourcing; an older go then sets
+# GOTOOLCHAIN=$GO_FALLBACK, which go itself fetches through the module proxy.
+# shellcheck shell=bash
 
-# --- a Go toolchain ---------------------------------------------------------------------------
-# Any go >= 1.21 can fetch the toolchain go.mod asks for (GOTOOLCHAIN=auto). With no go at all
-# (Debian's golang-go is too old to switch), fetch an official toolchain zip from the module proxy.
-PROXY="$(printf '%s' "${GOPROXY:-https://proxy.golang.org}" | cut -d, -f1)"
-[[ "$PROXY" == direct || "$PROXY" == off ]] && PROXY="https://proxy.golang.org"
-# KUBEARCH_GO=/path/to/go picks a toolchain; KUBEARCH_GO=fetch forces the download path.
+GO_MIN="${GO_MIN:-1.24.0}"
+GO_FALLBACK="${GO_FALLBACK:-go1.24.13}"
+
+_kubearch_version_ge() {  # $1 >= $2 (dotted versions); no `| head` under pipefail (SIGPIPE)
+  local sorted
+  sorted="$(printf '%s\n%s\n' "$2" "$1" | sort -V)"
+  [[ "${sorted%%$'\n'*}" == "$2" ]]
+}
+
+_kubearch_fetch_go() {
+  local proxy tc arch zip
+  proxy="$(printf '%s' "${GOPROXY:-https://proxy.golang.org}" | cut -d, -f1)"
+  [[ "$proxy" == direct || "$proxy" == off ]] && proxy="https://proxy.golang.org"
+  tc="${KUBEARCH_CACHE:-$HOME/.cache/kubearch}/go-toolchain/$GO_FALLBACK"
+  if [[ ! -x "$tc/go/bin/go" ]]; then
+    command -v unzip >/dev/null || { apt-get update -qq && apt-get install -y -qq unzip curl; }
+    mkdir -p "$tc"
+    arch="$(uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/')"
+    zip="$tc/tc.zip"
+    curl -fsSL -o "$zip" "$proxy/golang.org/toolchain/@v/v0.0.1-$GO_FALLBACK.linux-$arch.zip"
+    (cd "$tc" && unzip -q "$zip" && rm -f "$zip")
+    mv "$tc/golang.org/toolchain@"* "$tc/go"
+    chmod +x "$tc/go/bin/"* "$tc/go/pkg/tool/"*/* 2>/dev/null || true
+  fi
+  GO_BIN="$tc/go/bin/go"
+}
+
 GO_BIN="${KUBEARCH_GO:-$(command -v go || true)}"
 if [[ -z "$GO_BIN" && -x /usr/local/go/bin/go ]]; then GO_BIN=/usr/local/go/bin/go; fi
 [[ "$GO_BIN" == fetch ]] && GO_BIN=""
-if [[ -n "$GO_BIN" ]]; then
-  have="$("$GO_BIN" env GOVERSION | sed 's/^go//')"
-  if [[ "$(printf '%s\n%s\n' 1.21.0 "$have" | sort -V | head -1)" != 1.21.0 ]]; then GO_BIN=""; fi
+if [[ -n "$GO_BIN" ]] && ! _kubearch_version_ge "$("$GO_BIN" env GOVERSION | sed 's/^go//')" 1.21.0; then
+  GO_BIN=""
 fi
-if [[ -z "$GO_BIN" ]]; then
-  TC="$HOME/.cache/kubearch/go-toolchain/$GO_FALLBACK"
-  if [[ ! -x "$TC/go/bin/go" ]]; then
-    command -v unzip >/dev/null || { apt-get update -qq && apt-get install -y -qq unzip curl; }
-    mkdir -p "$TC"
-    zip="$TC/tc.zip"
-    curl -fsSL -o "$zip" "$PROXY/golang.org/toolchain/@v/v0.0.1-$GO_FALLBACK.linux-$(uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/').zip"
-    (cd "$TC" && unzip -q "$zip" && rm -f "$zip")
-    mv "$TC/golang.org/toolchain@"* "$TC/go"
-    chmod +x "$TC/go/bin/"* "$TC/go/pkg/tool/"*/* 2>/dev/null || true
-  fi
-  GO_BIN="$TC/go/bin/go"
-fi
-have="$("$GO_BIN" env GOVERSION | sed 's/^go//')"
-if [[ "$(printf '%s\n%s\n' "$GO_MIN" "$have" | sort -V | head -1)" != "$GO_MIN" ]]; then
-  export GOTOOLCHAIN="$GO_FALLBACK"   # fetched through the module proxy by go itself
-else
+[[ -n "$GO_BIN" ]] || _kubearch_fetch_go
+if _kubearch_version_ge "$("$GO_BIN" env GOVERSION | sed 's/^go//')" "$GO_MIN"; then
   export GOTOOLCHAIN=local
+else
+  export GOTOOLCHAIN="$GO_FALLBACK"
 fi
-
-# --- build ------------------------------------------------------------------------------------
-export CGO_ENABLED=0
-export GOFLAGS="-mod=mod -trimpath -buildvcs=false"
-# sum.golang.org is not reachable from every CI machine; go.sum (checked in) pins the hashes.
-export GOSUMDB="${GOSUMDB_OVERRIDE:-off}"
-export GONOSUMDB="${GONOSUMDB:-}"
-# k8s's version package is normally stamped by its Makefile; do the same so --version is honest.
-VPKG=k8s.io/component-base/version
-LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1"
-LDFLAGS+=" -X $VPKG.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $VPKG.gitTreeState=clean"
-LDFLAGS+=" -X $VPKG.buildDate=1970-01-01T00:00:00Z"
-LDFLAGS+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
-
+export GO_BIN

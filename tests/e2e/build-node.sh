@@ -22,7 +22,18 @@ if [[ -x "$DEST/kubelet" && -x "$DEST/coredns" && -x "$DEST/pause" ]] \
   echo "$DEST"
   exit 0
 fi
-source "$HERE/go-env.sh"
+# shellcheck source=../controlplane/go-env.sh
+source "$HERE/go-env.sh"   # the Go toolchain (GO_BIN, GOTOOLCHAIN), shared with build.sh and Helm
+# The same build environment and version ldflags as tests/controlplane/build.sh, so the Go build
+# cache of the control-plane build is reused and the node reports v1.34.x, not v0.0.0-master.
+export CGO_ENABLED=0
+export GOFLAGS="-mod=mod -trimpath -buildvcs=false"
+export GOSUMDB="${GOSUMDB_OVERRIDE:-off}"
+VPKG=k8s.io/component-base/version
+LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1"
+LDFLAGS+=" -X $VPKG.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $VPKG.gitTreeState=clean"
+LDFLAGS+=" -X $VPKG.buildDate=1970-01-01T00:00:00Z"
+LDFLAGS+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
 mkdir -p "${DEST%/*}"
 STAGE="$(mktemp -d "${DEST%/*}/stage.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
@@ -40,5 +51,5 @@ mkdir -p "$DEST"
 for b in kubelet coredns pause; do mv -f "$STAGE/$b" "$DEST/$b"; done
 echo "node binaries built in $(( $(date +%s) - start )) s:" >&2
 "$DEST/kubelet" --version >&2
-"$DEST/coredns" -version | head -1 >&2
+out="$("$DEST/coredns" -version)"; echo "${out%%$'\n'*}" >&2   # no `| head` under pipefail
 echo "$DEST"

@@ -119,9 +119,10 @@ def kube(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def installed(kube: Kube) -> Kube:
     """CRD, namespace and RBAC from manifests/ applied, the CRD established."""
-    for name in ("crd-trainingrun.yaml", "namespace.yaml", "rbac.yaml"):
+    for name in ("crd-trainingrun.yaml", "crd-architecturesearch.yaml", "namespace.yaml", "rbac.yaml"):
         kube.kubectl("apply", "-f", str(REPO / "manifests" / name))
-    kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", "crd/trainingruns.kubearch.dev")
+    for crd in ("trainingruns.kubearch.dev", "architecturesearches.kubearch.dev"):
+        kube.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{crd}")
     if kube.local is not None:
         kube.local.start_controller_manager()
     return kube
@@ -161,7 +162,7 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            "KUBEARCH_RESYNC_SECONDS": "1",
+            "KUBEARCH_RESYNC_SECONDS": "0",  # no safety resync: every reaction must come from an event
             "KUBEARCH_PEERING_LIFETIME": "5",  # after a crash, the dead peer blocks for this long
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }

@@ -188,6 +188,7 @@ class ControlPlane:
     advertise_address: str = "127.0.0.1"
     extra_sans: tuple[str, ...] = ()
     extra_controllers: tuple[str, ...] = ()
+    _apiserver_args: list[str] = field(default_factory=list)
 
     @property
     def server(self) -> str:
@@ -233,31 +234,37 @@ class ControlPlane:
             ],
         )
         (pki / "tokens.csv").write_text(f"{self.token},admin,admin-uid,system:masters\n")
-        self._spawn(
-            "kube-apiserver",
-            [
-                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                f"--bind-address={self.bind_address}",
-                f"--advertise-address={self.advertise_address}",
-                "--kubelet-preferred-address-types=InternalIP,Hostname",
-                f"--secure-port={self.api_port}",
-                f"--tls-cert-file={pki / 'apiserver.crt'}",
-                f"--tls-private-key-file={pki / 'apiserver.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
-                f"--token-auth-file={pki / 'tokens.csv'}",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-account-issuer=https://kubernetes.default.svc",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--allow-privileged=true",
-                f"--cert-dir={self.workdir / 'certs'}",
-                "--v=0",
-            ],
-        )
+        self._apiserver_args = [
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            f"--bind-address={self.bind_address}",
+            f"--advertise-address={self.advertise_address}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--secure-port={self.api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            f"--cert-dir={self.workdir / 'certs'}",
+            "--v=0",
+        ]
+        self._spawn("kube-apiserver", self._apiserver_args)
         write_kubeconfig(self.kubeconfig, self.server, pki / "ca.crt", self.token)
         self._wait_ready(timeout)
         return self
+
+    def restart_apiserver(self, down_seconds: float, timeout: float = 90.0) -> None:
+        """An outage: stop kube-apiserver, keep it down ``down_seconds``, start it again on the same
+        port with the same etcd (clients see connection refused meanwhile)."""
+        self.stop_process("kube-apiserver")
+        time.sleep(down_seconds)  # the length of the outage itself, not a wait for a condition
+        self._spawn("kube-apiserver", self._apiserver_args)
+        self._wait_ready(timeout)
 
     def start_controller_manager(self) -> None:
         """Start after the CRDs are installed: the garbage collector then watches TrainingRuns at

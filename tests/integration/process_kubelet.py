@@ -82,7 +82,11 @@ def remap(text: str, mounts: dict[str, str]) -> str:
 
 
 class ProcessKubelet:
-    """Runs the pods of run ``run`` in ``namespace`` as process groups under ``workdir``."""
+    """Runs the pods of run ``run`` in ``namespace`` as process groups under ``workdir``.
+
+    ``selector`` widens that to any pods (e.g. ``kubearch.dev/run`` for every run of a search's
+    trials in a test namespace); each run and attempt still gets its own master port.
+    """
 
     def __init__(
         self,
@@ -93,10 +97,12 @@ class ProcessKubelet:
         *,
         poll: float = 0.3,
         grace_seconds: float = 5,
+        selector: str | None = None,
     ) -> None:
         self.core, self.namespace, self.run, self.workdir = core, namespace, run, Path(workdir)
         self.poll, self.grace_seconds = poll, grace_seconds
-        self.ports: dict[str, int] = {}  # attempt label -> MASTER_PORT
+        self.selector = selector or f"kubearch.dev/run={run}"
+        self.ports: dict[tuple[str, str], int] = {}  # (run label, attempt label) -> MASTER_PORT
         self.procs: dict[str, subprocess.Popen] = {}  # pod uid -> the container process running now
         self.deleted: set[str] = set()
         self._threads: dict[str, threading.Thread] = {}
@@ -134,10 +140,9 @@ class ProcessKubelet:
 
     # ----------------------------------------------------------------------------- the watch loop
     def _watch(self) -> None:
-        selector = f"kubearch.dev/run={self.run}"
         while not self._stop.is_set():
             try:
-                pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+                pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items
             except ApiException:  # a blip of the API server: try again at the next poll
                 self._stop.wait(self.poll)
                 continue
@@ -181,7 +186,7 @@ class ProcessKubelet:
             self._patch(pod, {"phase": "Failed", "reason": "ConfigError", "message": str(err.reason)})
             return
         with self._lock:
-            port = self.ports.setdefault(attempt, free_port())
+            port = self.ports.setdefault((meta["labels"].get("kubearch.dev/run", ""), attempt), free_port())
         self._patch(
             pod, {"phase": "Pending", "startTime": _now(), "hostIP": "127.0.0.1", "podIP": "127.0.0.1"}
         )

@@ -10,7 +10,9 @@ test, as KWOK has nothing to run.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 from controlplane import SCHEDULING_BINARIES, binary_dir, missing_binaries, wait_for
@@ -18,10 +20,12 @@ from test_operator_integration import (
     cond,
     create_run,
     pods,
+    run_status,
     set_pod,
     wait_phase,
 )
 
+T = TypeVar("T")
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 NODES = ("gpu-node-0", "gpu-node-1")
 
@@ -81,6 +85,15 @@ def gpu_nodes(installed, operator) -> Iterator[tuple[str, ...]]:
         plane.stop_process("kube-scheduler")
 
 
+def observe(sample: Callable[[], T], seconds: float, interval: float = 0.2) -> list[T]:
+    """Samples of ``sample()`` over a window: for claims that something *never* happens."""
+    out, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        out.append(sample())
+        time.sleep(interval)
+    return out
+
+
 def gpu_spec(nodes: int) -> dict:
     return {
         "model": {"architecture": "dense", "size": "tiny"},
@@ -137,4 +150,23 @@ def test_a_group_larger_than_the_cluster_waits_unscheduled(installed, gpu_nodes,
     assert scheduled.status == "False" and scheduled.reason == "Unschedulable"
     assert "nvidia.com/gpu" in scheduled.message
     # Without a gang scheduler the group cannot start: the run stays Created, never Running.
-    assert wait_phase(kube, ns, run, "Created")["phase"] == "Created"
+    # KWOK runs the two bound pods; once the operator has counted all three (two running, one
+    # pending) the run must still be Created. A Running phase would have left a Running condition
+    # behind (conditions are history), so "never Running" is checked on every sample of a window
+    # of several resyncs and pod events, not only on the phase a wait already waited for.
+    wait_for(
+        lambda: all(p.status.phase == "Running" for p in pods(kube, ns, run) if p.spec.node_name),
+        what="KWOK to run the two bound pods",
+    )
+    wait_for(
+        lambda: (
+            sum(r.get("active", 0) for r in run_status(kube, ns, run).get("replicaStatuses", {}).values())
+            == 3
+        ),
+        what="the operator to count the three pods",
+    )
+    samples = observe(lambda: run_status(kube, ns, run), seconds=5.0)
+    assert len(samples) >= 10
+    for status in samples:
+        assert status["phase"] == "Created", status
+        assert all(c["type"] != "Running" for c in status.get("conditions", [])), status

@@ -163,7 +163,7 @@ def test_a_training_run_manifest_works_as_config(tmp_path: Path) -> None:
         (["--stage", "video"], ["training.stage", "language", "code", "image"]),
         (["--device", "tpu"], ["training.device", "auto", "cpu", "cuda"]),
         (["--batch-size", "many"], ["--batch-size", "invalid int value"]),
-        (["--d-model", "100", "--n-heads", "3"], ["d_model (100)", "n_heads (3)"]),
+        (["--d-model", "100", "--n-heads", "3"], ["model.nHeads", "dModel (100)", "nHeads (3)"]),
     ],
 )
 def test_bad_values_exit_config_error_before_any_work(

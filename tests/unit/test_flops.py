@@ -20,8 +20,7 @@ SMALL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64, "max_seq_len": 
 
 
 def _built(arch: str, **kw):
-    if arch not in available_architectures():
-        pytest.skip(f"models/{arch}.py is not registered yet")
+    assert arch in available_architectures(), f"models/{arch}.py did not register {arch!r}"
     cfg = ModelConfig(architecture=arch, **{**SMALL, **kw})
     return cfg, build_model(cfg)
 
@@ -46,8 +45,6 @@ def test_dense_analytic_count_equals_model(kw: dict) -> None:
 
 def test_dense_preset_sizes_equal_model() -> None:
     """The real presets (not only toy dims), so the 6·N term of the benchmark is the model's."""
-    if "dense" not in available_architectures():
-        pytest.skip("models/dense.py is not registered yet")
     for size in ("tiny", "small"):
         cfg = ModelConfig(architecture="dense", size=size)
         assert count_params(cfg).total == build_model(cfg).num_params()
@@ -133,3 +130,32 @@ def test_mfu_and_issue_convention() -> None:
         flops_per_token(ModelConfig(), 0)
     with pytest.raises(ValueError, match=r"model\.architecture"):
         layer_kinds(ModelConfig(architecture="vae"))
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru", "rnn", "cnn"])
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": False}, {"image_size": 8, "image_channels": 3}])
+def test_recurrent_and_cnn_counts_equal_model(arch: str, kw: dict) -> None:
+    """The GPU matrix sizes these families by this count too (not an estimate)."""
+    for size in ("tiny", "small"):
+        cfg = ModelConfig(architecture=arch, size=size, **kw)
+        assert count_params(cfg).total == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def test_every_builtin_architecture_is_registered() -> None:
+    """families.py no longer swallows ModuleNotFoundError: a family that cannot import fails here."""
+    from kubearch_trainer.config import BUILTIN_ARCHITECTURES
+
+    assert set(BUILTIN_ARCHITECTURES) <= set(available_architectures())
+
+
+def test_a_family_module_that_cannot_import_is_an_error() -> None:
+    """Before, families.py swallowed the ModuleNotFoundError and the family vanished silently."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['kubearch_trainer.models.cnn'] = None\n"
+        "import kubearch_trainer.models.families\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr

@@ -68,20 +68,55 @@ def test_chart_crds_equal_the_generated_manifests() -> None:
     chart_crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
     manifest_crds = {
         d["metadata"]["name"]: d
-        for name in ("crd-trainingrun.yaml", "peering.yaml")
+        for name in ("crd-trainingrun.yaml", "crd-architecturesearch.yaml", "peering.yaml")
         for d in by_kind(manifest_docs(name), "CustomResourceDefinition")
     }
     assert chart_crds == manifest_crds
 
 
 def test_watch_namespaces_and_peering_values() -> None:
-    (dep,) = by_kind(
-        render("operator.watchNamespaces={team-a,team-b}", "operator.peeringName=other"), "Deployment"
-    )
-    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    """Defect 4: non-default values reach the operator's command line, and kopf's namespaced mode
+    (--namespace) gets a KopfPeering of that name in every watched namespace."""
+    docs = render("operator.watchNamespaces={team-a,team-b}", "operator.peeringName=other")
+    (dep,) = by_kind(docs, "Deployment")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
     assert "--peering=other" in args
+    assert "KUBEARCH_PEERING" not in {e["name"] for e in container["env"]}  # one source: --peering
+    peerings = by_kind(docs, "KopfPeering")
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("team-a", "other"),
+        ("team-b", "other"),
+    ]
+    assert not by_kind(docs, "ClusterKopfPeering")
+
+
+def test_default_values_make_a_cluster_peering_named_like_the_operator_flag() -> None:
+    docs = render("operator.peeringName=elsewhere")
+    (dep,) = by_kind(docs, "Deployment")
+    assert "--peering=elsewhere" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    (peering,) = by_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "elsewhere" and not by_kind(docs, "KopfPeering")
+
+
+def test_the_operator_keeps_the_peering_name_of_its_command_line() -> None:
+    """The startup handler reset --peering=NAME to "kubearch" (kopf applies the flag first)."""
+    import kopf
+    from kubearch_operator.__main__ import build_args
+    from kubearch_operator.peering import configure_peering
+
+    (dep,) = by_kind(render("operator.peeringName=other"), "Deployment")
+    argv = build_args(dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    (flag,) = [a for a in argv if a.startswith("--peering=")]
+    settings = kopf.OperatorSettings()
+    settings.peering.mandatory, settings.peering.name = True, flag.split("=", 1)[1]  # as kopf run does
+    configure_peering(settings, {"KUBEARCH_PEERING": "kubearch"})
+    assert settings.peering.name == "other"
+    plain = kopf.OperatorSettings()
+    configure_peering(plain, {})
+    assert plain.peering.name == "kubearch"
 
 
 def test_monitoring_objects_only_when_enabled_and_they_select_trainer_pods() -> None:
@@ -127,6 +162,7 @@ def test_dashboards_are_valid_and_query_only_real_metrics() -> None:
     assert {m["metadata"]["name"] for m in maps} == {
         "kubearch-dashboard-kubearch-training",
         "kubearch-dashboard-kubearch-operator",
+        "kubearch-dashboard-kubearch-search",
     }
     exported = _exported_sample_names()
     for cm in maps:

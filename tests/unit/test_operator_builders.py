@@ -94,7 +94,12 @@ def test_gpu_limits_shm_volumes_and_termination_message() -> None:
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert volumes["config"]["configMap"]["name"] == "demo-config"
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/etc/kubearch", "/dev/shm", "/checkpoints"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {
+        "/etc/kubearch",
+        "/dev/shm",
+        "/checkpoints",
+        "/scratch",
+    }
     assert (
         spec["restartPolicy"] == "Never"
         and spec["hostname"] == "demo-master-0"
@@ -182,10 +187,31 @@ def test_gang_scheduling() -> None:
     pg = b.build_pod_group("demo", NS, UID, spec, shape)
     assert pg["apiVersion"] == "scheduling.volcano.sh/v1beta1"
     assert pg["spec"] == {"minMember": 2, "queue": "q", "priorityClassName": "high"}
-    plugins = parse_spec({"runPolicy": {"schedulingPolicy": {"minAvailable": 1}}})
+    plugins = parse_spec(
+        {
+            "runPolicy": {
+                "schedulingPolicy": {"schedulerName": "scheduler-plugins-scheduler", "minAvailable": 1}
+            }
+        }
+    )
     pg2 = b.build_pod_group("demo", NS, UID, plugins, b.plan_run(plugins).shape)
     assert pg2["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and pg2["spec"] == {"minMember": 1}
     assert b.build_pod_group("demo", NS, UID, parse_spec({}), shape) is None
+
+
+def test_priority_class_alone_sets_the_pods_priority_and_makes_no_pod_group() -> None:
+    """Defect 5: {priorityClass: x} alone made a scheduler-plugins PodGroup (and pod-group labels)
+    while the pods kept the default scheduler, which ignores PodGroups. A PodGroup is made only for
+    a named (gang) scheduler; priorityClass alone is the pods' priorityClassName."""
+    spec = parse_spec(
+        {"resources": {"nodes": 2}, "runPolicy": {"schedulingPolicy": {"priorityClass": "high"}}}
+    )
+    shape = b.plan_run(spec).shape
+    assert b.build_pod_group("demo", NS, UID, spec, shape) is None
+    for pod in b.build_pods("demo", NS, UID, spec, shape):
+        assert pod["spec"]["priorityClassName"] == "high" and "schedulerName" not in pod["spec"]
+        assert "scheduling.x-k8s.io/pod-group" not in pod["metadata"]["labels"]
+        assert "scheduling.k8s.io/group-name" not in pod["metadata"].get("annotations", {})
 
 
 def test_spec_errors_name_the_field() -> None:
@@ -195,8 +221,17 @@ def test_spec_errors_name_the_field() -> None:
         parse_spec({"resources": {"auto": True, "nodes": 2}})
     with pytest.raises(ConfigError, match=r"spec\.runPolicy\.cleanPodPolicy"):
         parse_spec({"runPolicy": {"cleanPodPolicy": "Sometimes"}})
-    with pytest.raises(ConfigError, match="seq_len"):
+    # camelCase paths as in the CRD (issue 9: the operator said data.seq_len)
+    with pytest.raises(ConfigError, match=r"^spec\.data\.seqLen: 8192 exceeds model\.maxSeqLen \(1024\)$"):
         parse_spec({"data": {"seqLen": 8192}, "model": {"maxSeqLen": 1024}})
+    with pytest.raises(ConfigError, match=r"^spec\.resources\.nodes: auto: true chooses the shape"):
+        parse_spec({"resources": {"auto": True, "nodes": 2}})
+
+
+def test_auto_with_more_processes_than_the_chosen_gpus_is_refused() -> None:
+    spec = parse_spec({"resources": {"auto": True, "nprocPerNode": 4}})  # the matrix picks 1 GPU
+    with pytest.raises(ConfigError, match=r"spec\.resources\.nprocPerNode: 4 processes for the 1 GPU"):
+        b.plan_run(spec)
 
 
 @pytest.mark.parametrize("name", ["Demo", "1run", "a" * 53, "has.dot"])
@@ -223,3 +258,34 @@ def test_status_writes_skip_no_op_patches() -> None:
     new = {"phase": "Running", "message": "", "restartCount": 0, "startTime": None, "progress": None}
     assert _prune(new) == _prune(stored)  # nothing to write
     assert _prune({**new, "restartCount": 1}) != _prune(stored)
+
+
+def test_pods_run_restricted_with_writable_volumes_only() -> None:
+    """Issue 9: non-root, no privilege escalation, seccomp RuntimeDefault, read-only root
+    filesystem; everything the trainer writes goes to a volume (output dir under /checkpoints,
+    TMPDIR/HOME/caches under /scratch, /dev/shm)."""
+    pods, plan = group({"resources": {"nodes": 2, "checkpointClaim": "ckpt"}})
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0 and spec["securityContext"]["fsGroup"]
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in [*spec["initContainers"], *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+        (trainer,) = spec["containers"]
+        writable = {m["mountPath"] for m in trainer["volumeMounts"] if not m.get("readOnly")}
+        assert all(
+            "emptyDir" in volumes[m["name"]] or "persistentVolumeClaim" in volumes[m["name"]]
+            for m in trainer["volumeMounts"]
+            if not m.get("readOnly")
+        )
+        e = env(pod)
+        for var in ("TMPDIR", "HOME", "XDG_CACHE_HOME"):
+            assert any(e[var].startswith(w) for w in writable), (var, e[var])
+        cm = b.build_configmap("demo", NS, UID, plan)
+        output_dir = yaml.safe_load(cm["data"]["config.yaml"])["training"]["outputDir"]
+        assert any(output_dir.startswith(w + "/") for w in writable)

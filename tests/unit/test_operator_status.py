@@ -266,3 +266,88 @@ def test_torchrun_exit_1_with_the_trainers_permanent_code_is_not_retried() -> No
     assert failure.message.endswith("not retried: data.path: 'x' does not exist")
     crashed = json.dumps({"status": "failed", "exit_code": 1, "error": "RuntimeError: boom"})
     assert classify_failure(pod_view(terminate(make_pods(make_spec())[0], "Failed", 1, crashed))).retryable
+
+
+def test_master_success_is_final_even_if_a_worker_then_fails() -> None:
+    """Defect 1: torch's shutdown race (a worker exits 1 after the master succeeded) restarted a
+    finished run. Kubeflow's rule: the master's success is the job's success, and success is final."""
+    spec = make_spec(backoffLimit=3)
+    pods = make_pods(spec, phases=("Running", "Running"))
+    terminate(pods[0], "Succeeded", 0, reason="Completed")
+    terminate(pods[1], "Failed", 1)
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Succeeded" and d.status.restart_count == 0
+    assert not d.create_group and "demo-master-0" not in d.delete_pods
+    # and a later pass over the same pods keeps it so
+    again = step(spec, d.status, pods, NOW + timedelta(seconds=5))
+    assert again.status.phase == "Succeeded" and again.status.restart_count == 0
+
+
+def test_master_success_wins_over_a_worker_that_disappeared() -> None:
+    spec = make_spec(backoffLimit=3)
+    pods = make_pods(spec, phases=("Running", "Running"))[:1]
+    terminate(pods[0], "Succeeded", 0, reason="Completed")
+    d = step(spec, running_status(), pods)
+    assert d.status.phase == "Succeeded" and d.status.restart_count == 0
+
+
+def test_the_changed_condition_moves_to_the_end() -> None:
+    """Defect 2: conditions were updated in place, so after a restart a running run's last
+    condition read Restarting/False. Kubeflow appends the changed condition."""
+    spec = make_spec(backoffLimit=2)
+    d = step(spec, TrainingRunStatus(), [])
+    assert (d.status.conditions[-1].type, d.status.conditions[-1].status) == ("Created", "True")
+    d = step(spec, d.status, make_pods(spec, phases=("Running", "Running")))
+    assert (d.status.conditions[-1].type, d.status.conditions[-1].status) == ("Running", "True")
+    pods = make_pods(spec, phases=("Running", "Running"))
+    terminate(pods[1], "Failed", 137)
+    d = step(spec, d.status, pods)
+    assert (d.status.conditions[-1].type, d.status.conditions[-1].status) == ("Restarting", "True")
+    d = step(spec, d.status, [])  # old pods gone: the next group is created
+    d = step(spec, d.status, make_pods(spec, attempt=1, phases=("Running", "Running")))
+    assert d.status.phase == "Running"
+    assert (d.status.conditions[-1].type, d.status.conditions[-1].status) == ("Running", "True")
+    assert [c.type for c in d.status.conditions].count("Running") == 1  # moved, not duplicated
+    done = make_pods(spec, attempt=1, phases=("Running", "Running"))
+    terminate(done[0], "Succeeded", 0, reason="Completed")
+    d = step(spec, d.status, done)
+    assert (d.status.conditions[-1].type, d.status.conditions[-1].status) == ("Succeeded", "True")
+
+
+def test_a_message_refresh_keeps_the_conditions_place() -> None:
+    st = TrainingRunStatus()
+    set_condition(st, "Running", "True", "PodsRunning", "a", NOW)
+    set_condition(st, "SpecValid", "True", "Valid", "ok", NOW)
+    set_condition(st, "Running", "True", "PodsRunning", "b", NOW + timedelta(seconds=1))
+    assert [c.type for c in st.conditions] == ["Running", "SpecValid"]
+    assert cond(st, "Running").message == "b"
+
+
+def test_without_a_checkpoint_claim_the_run_says_a_restart_starts_over() -> None:
+    """Defect 3: with the default emptyDir a restart or resume silently started at step 0. The run
+    now carries CheckpointPersistent=False from the start, and each recreated group posts a
+    Warning event saying it starts over."""
+    spec = make_spec(backoffLimit=2)
+    d = step(spec, TrainingRunStatus(), [])
+    persistent = cond(d.status, "CheckpointPersistent")
+    assert persistent.status == "False" and persistent.reason == "EmptyDir"
+    assert "checkpointClaim" in persistent.message
+    assert not [e for e in d.events if e[1] == "RestartFromScratch"]  # the first group is no restart
+    restarting = TrainingRunStatus(phase="Restarting", restart_count=1, start_time=rfc3339(NOW))
+    d = step(spec, restarting, [])
+    assert d.create_group
+    (event,) = [e for e in d.events if e[1] == "RestartFromScratch"]
+    assert event[0] == "Warning" and "step 0" in event[2] and "checkpointClaim" in event[2]
+    suspended = step(make_spec(suspend=True), running_status(), [])
+    resumed = step(make_spec(), suspended.status, [])
+    assert resumed.create_group and any(e[1] == "RestartFromScratch" for e in resumed.events)
+
+
+def test_with_a_checkpoint_claim_a_restart_resumes_quietly() -> None:
+    spec = parse_spec({"resources": {"nodes": 2, "checkpointClaim": "ckpt"}})
+    d = step(spec, TrainingRunStatus(), [])
+    persistent = cond(d.status, "CheckpointPersistent")
+    assert persistent.status == "True" and "ckpt" in persistent.message
+    restarting = TrainingRunStatus(phase="Restarting", restart_count=1, start_time=rfc3339(NOW))
+    d = step(spec, restarting, [])
+    assert d.create_group and d.resume and not any(e[1] == "RestartFromScratch" for e in d.events)

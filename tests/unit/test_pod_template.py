@@ -40,14 +40,14 @@ DATA_PVC_TEMPLATE = {
         "imagePullSecrets": [{"name": "registry"}],
         "priorityClassName": "research",
         "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
-        "securityContext": {"fsGroup": 65532},
+        "securityContext": {"fsGroupChangePolicy": "OnRootMismatch"},
         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "corpus", "readOnly": True}}],
         "containers": [
             {
                 "name": "trainer",
                 "env": [{"name": "HF_HOME", "value": "/data/cache"}],
                 "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
-                "securityContext": {"allowPrivilegeEscalation": False},
+                "securityContext": {"privileged": False},
             }
         ],
         "initContainers": [
@@ -68,17 +68,20 @@ def test_every_pod_gets_the_users_fields_next_to_kubearchs_own() -> None:
         assert spec["imagePullSecrets"] == [{"name": "registry"}]
         assert spec["priorityClassName"] == "research"
         assert spec["affinity"]["nodeAffinity"] == {"preferredDuringSchedulingIgnoredDuringExecution": []}
-        assert spec["securityContext"] == {"fsGroup": 65532}
-        assert [v["name"] for v in spec["volumes"]] == ["config", "dshm", "checkpoints", "data"]
+        # Added next to kubearch's restricted settings, which stay.
+        assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        names = [v["name"] for v in spec["volumes"]]
+        assert names[-1] == "data" and {"config", "dshm", "checkpoints"} <= set(names[:-1])
         container = trainer(pod)
-        assert [m["mountPath"] for m in container["volumeMounts"]] == [
-            "/etc/kubearch", "/dev/shm", "/checkpoints", "/data",
-        ]  # fmt: skip
+        paths = [m["mountPath"] for m in container["volumeMounts"]]
+        assert paths[-1] == "/data" and {"/etc/kubearch", "/dev/shm", "/checkpoints"} <= set(paths[:-1])
         values = env(container)
         assert values["HF_HOME"] == "/data/cache"
         assert values["NODE_RANK"] == str(index) and values["WORLD_SIZE"] == "2"  # the contract is intact
         assert container["command"] == ["torchrun"]
-        assert container["securityContext"] == {"allowPrivilegeEscalation": False}
+        assert container["securityContext"]["privileged"] is False
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
         wait = spec["initContainers"][0]
         assert wait["resources"] == {"requests": {"cpu": "10m", "memory": "32Mi"}}
 
@@ -123,6 +126,15 @@ def test_rank_is_left_to_torchrun_per_process_and_pods_carry_node_rank() -> None
         ({"spec": {"containers": [{"name": "sidecar"}]}}, "spec.podTemplate.spec.containers[sidecar]"),
         (
             {"spec": {"containers": [
+                {"name": "trainer", "securityContext": {"readOnlyRootFilesystem": False}}]}},
+            "spec.podTemplate.spec.containers[trainer].securityContext.readOnlyRootFilesystem",
+        ),
+        (
+            {"spec": {"securityContext": {"runAsUser": 0}}},
+            "spec.podTemplate.spec.securityContext.runAsUser",
+        ),
+        (
+            {"spec": {"containers": [
                 {"name": "trainer", "volumeMounts": [{"name": "nope", "mountPath": "/d"}]}]}},
             "spec.podTemplate.spec.containers[trainer].volumeMounts[/d]",
         ),
@@ -138,7 +150,7 @@ def test_an_override_that_breaks_the_contract_is_refused_with_the_field_named(te
 def test_the_trainer_command_is_not_an_override_field() -> None:
     with pytest.raises(ConfigError) as err:
         pods({"spec": {"containers": [{"name": "trainer", "command": ["bash"]}]}})
-    assert "spec.podTemplate.spec.containers.0.command: unknown field" in str(err.value)
+    assert "spec.podTemplate.spec.containers[0].command: unknown field" in str(err.value)
 
 
 def test_priority_class_set_twice_differently_is_refused() -> None:

@@ -5,7 +5,8 @@ task and data, the same model size, the same number of steps, the same effective
 (``batch_size x gradient_accumulation_steps``), the same optimisations and the same seed; we then
 track training time, peak memory, final validation loss, tokens/s and NaN count.
 
-Each architecture runs in its own subprocess, one after the other. Why not in-process: peak
+Each architecture runs in its own subprocess (the runner shared with ``kubearch search``,
+:mod:`kubearch_trainer.runner`), one after the other. Why not in-process: peak
 memory on CPU is the process's peak RSS, which only ever grows, so a shared process would report
 the largest model's memory for every later row; a subprocess also isolates a crash or OOM to its
 row. With ``--nproc-per-node N > 1`` each run goes through ``torchrun``.
@@ -22,7 +23,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from kubearch_trainer.exit_codes import ExitCode
+from kubearch_trainer.runner import check_trainer_argv, run_trainer, trainer_command  # noqa: F401
+
+# ``trainer_command`` is re-exported: bench scripts and older callers import it from here.
 
 DEFAULT_ARCHITECTURES = "dense,mamba,moe,hybrid"
 #: Defaults sized so that the four tiny models finish in a few minutes on 2 CPU cores while their
@@ -86,17 +89,14 @@ def run_compare_from_args(ns: argparse.Namespace) -> int:
         print("kubearch compare: config error: --architectures is empty", file=sys.stderr)
         return int(ExitCode.CONFIG_ERROR)
     # Validate every run's configuration before starting any (a typo must not cost three runs).
-    from kubearch_trainer.cli import _Parser, add_train_arguments, config_from_args
     from kubearch_trainer.config import ConfigError
 
     out = Path(ns.output_dir)
     runs: list[tuple[str, list[str]]] = []
     for arch in archs:
         argv = trainer_argv(ns, arch, out / arch)
-        parser = _Parser(prog="kubearch compare")
-        add_train_arguments(parser)
         try:
-            config_from_args(parser.parse_args(argv))
+            check_trainer_argv(argv, prog="kubearch compare")
         except ConfigError as err:
             print(
                 f"kubearch compare: config error ({arch}):\n  " + str(err).replace("\n", "\n  "),
@@ -167,35 +167,9 @@ def trainer_argv(ns: argparse.Namespace, arch: str, out: Path) -> list[str]:
     return argv + extra
 
 
-def trainer_command(argv: list[str], nproc: int = 1, *, torchrun: bool | None = None) -> list[str]:
-    """The trainer as a subprocess: under ``torchrun --standalone`` for several processes (or when
-    ``torchrun`` is set, e.g. so a 1-process baseline pays the same launcher), else plain."""
-    if not (nproc > 1 if torchrun is None else torchrun):
-        return [sys.executable, "-m", "kubearch_trainer", *argv]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return [*launcher, "-m", "kubearch_trainer", *argv]
-
-
 def run_one(arch: str, argv: list[str], out: Path, nproc: int, timeout: float | None) -> dict[str, Any]:
-    """Run one trainer subprocess and turn its results.json into a table row."""
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    if results_path.exists():
-        results_path.unlink()  # never report a previous comparison's numbers
-    cmd = trainer_command(argv, nproc)
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    t0 = time.time()
-    try:
-        code = subprocess.run(cmd, env=env, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        code = 124
-    wall = time.time() - t0
-    if results_path.exists():
-        res = json.loads(results_path.read_text())
-    else:
-        res = {"status": "failed", "exit_code": code, "error": f"no results.json (exit {code})"}
+    """Run one trainer subprocess (the shared runner) and turn its results.json into a table row."""
+    res, wall = run_trainer(argv, out, nproc, timeout)
     return row_from_results(arch, res, wall)
 
 

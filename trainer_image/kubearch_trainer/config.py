@@ -35,6 +35,31 @@ BUILTIN_ARCHITECTURES: tuple[str, ...] = (
 #: only knows the built-in names; a plugin needs its own trainer image anyway.
 PLUGIN_ARCHITECTURES: set[str] = set()
 
+#: Options that only one group of families reads: a TrainingRun that sets one for another family
+#: is refused (the trainer ignores them; the operator and the CRD's CEL rules name the field).
+FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "num_experts": ("moe",),
+    "expert_capacity": ("moe",),
+    "moe_aux_loss_weight": ("moe",),
+    "moe_z_loss_weight": ("moe",),
+    "state_size": ("mamba", "hybrid"),
+    "conv_size": ("mamba", "hybrid"),
+    "expand": ("mamba", "hybrid"),
+    "hybrid_local_window": ("hybrid",),
+    "hybrid_attention_every": ("hybrid",),
+    "latent_dim": (*VAE_ARCHITECTURES, "latent_diffusion"),
+    "beta": ("beta_vae",),
+    "codebook_size": ("vq_vae",),
+    "commitment_cost": ("vq_vae",),
+    "dead_code_steps": ("vq_vae",),
+    "diffusion_timesteps": DIFFUSION_ARCHITECTURES,
+    "noise_schedule": DIFFUSION_ARCHITECTURES,
+    "ddim_steps": DIFFUSION_ARCHITECTURES,
+    "image_size": (*VAE_ARCHITECTURES, *DIFFUSION_ARCHITECTURES, *IMAGE_CLASSIFIER_ARCHITECTURES),
+    "image_channels": (*VAE_ARCHITECTURES, *DIFFUSION_ARCHITECTURES, *IMAGE_CLASSIFIER_ARCHITECTURES),
+    "num_classes": IMAGE_CLASSIFIER_ARCHITECTURES,
+}
+
 MODEL_SIZES = ("tiny", "small", "medium", "large")
 ATTENTION_VARIANTS = (
     "baseline",
@@ -57,6 +82,28 @@ SIZE_TABLE: dict[str, dict[str, int]] = {
     "medium": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ff": 2048},
     "large": {"d_model": 768, "n_layers": 10, "n_heads": 12, "d_ff": 3072},
 }
+
+#: (base channels, depth) per size. VAE depth = stride-2 down-sampling stages of the encoder;
+#: diffusion depth = U-Net resolution levels; CNN depth = residual blocks (the model guide's
+#: small 64ch/4, medium 128ch/6, large 256ch/8); recurrent: hidden size and stacked layers (the
+#: model guide's small 256/2, medium 512/4, large 1024/4). ``tiny`` is a CI-sized row below them.
+FAMILY_SIZE_TABLE: dict[str, dict[str, tuple[int, int]]] = {
+    "vae": {"tiny": (16, 2), "small": (32, 3), "medium": (64, 3), "large": (128, 4)},
+    "diffusion": {"tiny": (16, 2), "small": (32, 2), "medium": (64, 3), "large": (128, 3)},
+    "cnn": {"tiny": (16, 2), "small": (64, 4), "medium": (128, 6), "large": (256, 8)},
+    "recurrent": {"tiny": (128, 2), "small": (256, 2), "medium": (512, 4), "large": (1024, 4)},
+}
+
+
+def family_dims(cfg: ModelConfig, family: str) -> tuple[int, int]:
+    """(width, depth) for ``family``: the size preset unless ``d_model``/``n_layers`` are set."""
+    width, depth = FAMILY_SIZE_TABLE[family][cfg.size]
+    if cfg.d_model is not None:
+        width = int(cfg.d_model)
+    if cfg.n_layers is not None:
+        depth = int(cfg.n_layers)
+    return width, depth
+
 
 #: LoRA ranks (query/key rank, value/output rank) per attention variant (search report).
 LORA_RANKS: dict[str, tuple[int, int]] = {
@@ -83,18 +130,18 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """What to build. Sizes follow the search report; explicit dimensions override the preset."""
 
-    architecture: str = Field("dense", description="Model family; one of the built-in architectures.")
+    architecture: str = Field("dense", max_length=63, description="Model family; one of the built-in architectures.")
     size: Literal["tiny", "small", "medium", "large"] = Field(
         "tiny",
         description="Size preset (search report): tiny 256d/4L, small 384d/6L, "
         "medium 512d/8L, large 768d/10L.",
     )
-    d_model: int | None = Field(None, ge=8, description="Overrides the preset's model width.")
-    n_layers: int | None = Field(None, ge=1, description="Overrides the preset's depth.")
-    n_heads: int | None = Field(None, ge=1, description="Overrides the preset's attention heads.")
-    d_ff: int | None = Field(None, ge=8, description="Overrides the preset's feed-forward width.")
-    vocab_size: int = Field(256, ge=2, description="Vocabulary size; 256 for the byte-level tokenizer.")
-    max_seq_len: int = Field(4096, ge=8, description="Longest sequence the position tables support.")
+    d_model: int | None = Field(None, ge=8, le=65536, description="Overrides the preset's model width.")
+    n_layers: int | None = Field(None, ge=1, le=1024, description="Overrides the preset's depth.")
+    n_heads: int | None = Field(None, ge=1, le=1024, description="Overrides the preset's attention heads.")
+    d_ff: int | None = Field(None, ge=8, le=1_048_576, description="Overrides the preset's feed-forward width.")
+    vocab_size: int = Field(256, ge=2, le=1_048_576, description="Vocabulary size; 256 for the byte-level tokenizer.")
+    max_seq_len: int = Field(4096, ge=8, le=1_048_576, description="Longest sequence the position tables support.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     # dense transformer
@@ -121,31 +168,31 @@ class ModelConfig(_Section):
     state_size: int = Field(16, ge=1, le=256, description="SSM state size N.")
     conv_size: int = Field(4, ge=1, le=64, description="Depthwise causal conv kernel width.")
     expand: int = Field(2, ge=1, le=8, description="Mamba inner expansion factor.")
-    hybrid_local_window: int = Field(256, ge=1, description="Sliding-window size of hybrid attention.")
+    hybrid_local_window: int = Field(256, ge=1, le=1_048_576, description="Sliding-window size of hybrid attention.")
     hybrid_attention_every: int = Field(
-        2, ge=1, description="Every k-th hybrid layer is local attention, the rest Mamba."
+        2, ge=1, le=1024, description="Every k-th hybrid layer is local attention, the rest Mamba."
     )
 
     # moe
     num_experts: int = Field(8, ge=1, le=256)
-    expert_capacity: int = Field(2, ge=1, description="Experts per token (top-k), as the seed names it.")
-    moe_aux_loss_weight: float = Field(1e-2, ge=0.0, description="Switch load-balancing loss weight.")
-    moe_z_loss_weight: float = Field(1e-3, ge=0.0, description="Router z-loss weight.")
+    expert_capacity: int = Field(2, ge=1, le=256, description="Experts per token (top-k), as the seed names it.")
+    moe_aux_loss_weight: float = Field(1e-2, ge=0.0, le=100.0, description="Switch load-balancing loss weight.")
+    moe_z_loss_weight: float = Field(1e-3, ge=0.0, le=100.0, description="Router z-loss weight.")
 
     # image / latent families (issue 3)
-    image_size: int = Field(32, ge=8, description="Square image side for image families.")
+    image_size: int = Field(32, ge=8, le=4096, description="Square image side for image families.")
     image_channels: int = Field(1, ge=1, le=4)
-    num_classes: int = Field(10, ge=2, description="Classes for the CNN classifier.")
-    latent_dim: int = Field(16, ge=1, description="VAE latent size.")
-    beta: float = Field(4.0, ge=0.0, description="beta_vae KL weight.")
-    codebook_size: int = Field(128, ge=2, description="vq_vae codebook entries.")
-    commitment_cost: float = Field(0.25, ge=0.0)
+    num_classes: int = Field(10, ge=2, le=1_000_000, description="Classes for the CNN classifier.")
+    latent_dim: int = Field(16, ge=1, le=65536, description="VAE latent size.")
+    beta: float = Field(4.0, ge=0.0, le=10_000.0, description="beta_vae KL weight.")
+    codebook_size: int = Field(128, ge=2, le=1_048_576, description="vq_vae codebook entries.")
+    commitment_cost: float = Field(0.25, ge=0.0, le=100.0)
     dead_code_steps: int = Field(
-        100, ge=1, description="vq_vae: re-initialise a code unused for this many training steps."
+        100, ge=1, le=1_000_000_000, description="vq_vae: re-initialise a code unused for this many training steps."
     )
-    diffusion_timesteps: int = Field(1000, ge=2)
+    diffusion_timesteps: int = Field(1000, ge=2, le=100_000)
     noise_schedule: Literal["linear", "cosine"] = "linear"
-    ddim_steps: int = Field(50, ge=1)
+    ddim_steps: int = Field(50, ge=1, le=100_000)
 
     @field_validator("architecture")
     @classmethod
@@ -157,14 +204,21 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
+        problems: list[tuple[str, str]] = []
         if self.architecture in ("dense", "moe", "hybrid"):
             d, h = self.resolved("d_model"), self.resolved("n_heads")
             if d % h:
-                raise ValueError(f"d_model ({d}) must be divisible by n_heads ({h})")
+                problems.append(("nHeads", f"dModel ({d}) must be divisible by nHeads ({h})"))
         if self.architecture == "moe" and self.expert_capacity > self.num_experts:
-            raise ValueError(
-                f"expert_capacity ({self.expert_capacity}) must be <= num_experts ({self.num_experts})"
+            problems.append(
+                (
+                    "expertCapacity",
+                    f"{self.expert_capacity} must be <= numExperts ({self.num_experts}): "
+                    "each token picks that many distinct experts",
+                )
             )
+        if problems:
+            raise FieldErrors(problems)
         return self
 
     def resolved(self, name: str) -> int:
@@ -181,65 +235,65 @@ class DataConfig(_Section):
     """Where batches come from. With no ``path`` a small built-in data set is generated offline."""
 
     path: str | None = Field(
-        None, description="Text file, folder of .txt files, JSONL, image folder or .npz."
+        None, max_length=4096, description="Text file, folder of .txt files, JSONL, image folder or .npz."
     )
     format: Literal["auto", "text", "jsonl", "folder", "images", "npz"] = "auto"
     dataset: str | None = Field(
-        None, description="Built-in generated data set when no path is given (per task; see README)."
+        None, max_length=128, description="Built-in generated data set when no path is given (per task; see README)."
     )
-    jsonl_field: str = Field("text", description="JSONL key holding the text.")
+    jsonl_field: str = Field("text", max_length=256, description="JSONL key holding the text.")
     tokenizer: Literal["byte"] = Field("byte", description="Byte-level tokenizer, no download needed.")
-    seq_len: int = Field(256, ge=2, description="Tokens per training sequence.")
+    seq_len: int = Field(256, ge=2, le=1_048_576, description="Tokens per training sequence.")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.9)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
 
 
 class RegulationConfig(_Section):
     """The seeds' "2π" variance regulation, with exactly the seed's keys (see README for the formula)."""
 
     enabled: bool = False
-    variance_threshold: float | None = Field(None, gt=0.0)
-    lambda_variance: float | None = Field(None, ge=0.0)
-    lambda_rate: float | None = Field(None, ge=0.0)
+    variance_threshold: float | None = Field(None, gt=0.0, le=1e6)
+    lambda_variance: float | None = Field(None, ge=0.0, le=1e6)
+    lambda_rate: float | None = Field(None, ge=0.0, le=1e6)
     adaptive_schedule: bool = True
     # transformers
     regulate_attention: bool = True
     regulate_ffn: bool = True
     layer_specific: bool = True
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, le=1_000_000_000)
     # diffusion
     regulate_noise: bool = True
     timestep_dependent: bool = True
     variance_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_variance: float = Field(0.1, gt=0.0)
+    max_variance: float = Field(0.1, gt=0.0, le=1e6)
 
 
 class TrainingConfig(_Section):
     """How to train: the seed's flags plus evaluation, checkpointing and metrics."""
 
     stage: Literal["language", "code", "image"] = "language"
-    num_epochs: int = Field(1, ge=1)
-    steps_per_epoch: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1, description="Per-process micro-batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: int = Field(1, ge=1, le=100_000)
+    steps_per_epoch: int = Field(100, ge=1, le=1_000_000_000)
+    batch_size: int = Field(16, ge=1, le=1_048_576, description="Per-process micro-batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
     learning_rate: float = Field(3e-4, gt=0.0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine floor as a fraction of the peak.")
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0.0)
+    warmup_steps: int = Field(10, ge=0, le=1_000_000_000)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
     beta1: float = Field(0.9, gt=0.0, lt=1.0)
     beta2: float = Field(0.95, gt=0.0, lt=1.0)
-    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm; 0 disables clipping.")
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="Max global grad norm; 0 disables clipping.")
     use_amp: bool = Field(False, description="Mixed precision (bf16 autocast on GPU).")
     use_compile: bool = Field(False, description="torch.compile the model.")
     use_gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=0, description="Evaluate every N optimizer steps; 0 only at the end.")
-    eval_batches: int = Field(10, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps; 0 only at the end.")
-    max_consecutive_nans: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
-    seed: int = 1337
+    eval_every: int = Field(50, ge=0, le=1_000_000_000, description="Evaluate every N optimizer steps; 0 only at the end.")
+    eval_batches: int = Field(10, ge=1, le=1_000_000)
+    log_every: int = Field(10, ge=1, le=1_000_000_000)
+    checkpoint_every: int = Field(0, ge=0, le=1_000_000_000, description="Checkpoint every N steps; 0 only at the end.")
+    max_consecutive_nans: int = Field(5, ge=1, le=1_000_000, description="Stop after this many non-finite losses in a row.")
+    seed: int = Field(1337, ge=0, le=2**32 - 1, description="numpy accepts seeds below 2^32.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", min_length=1, max_length=4096)
     resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus metrics here.")
     metrics_all_ranks: bool = Field(False, description="Every rank serves metrics (port + local rank).")
@@ -259,10 +313,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
-        if self.data.seq_len > self.model.max_seq_len:
-            raise ValueError(
-                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
-            )
+        problems = trainer_cross_checks(self.model, self.data, self.training)
+        if problems:
+            raise FieldErrors(problems)
         return self
 
     def dump(self) -> dict[str, Any]:
@@ -270,15 +323,74 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
 
+def trainer_cross_checks(
+    model: ModelConfig, data: DataConfig, training: TrainingConfig
+) -> list[tuple[str, str]]:
+    """Rules across the trainer's sections, as (camelCase path, message) pairs.
+
+    Shared by :class:`TrainConfig` and the operator's ``TrainingRunSpec`` (which mirrors the
+    API server's CEL rules of the same names), so both name the field the same way.
+    """
+    del training  # no rule of the trainer's own spans training yet; kept for one signature
+    problems = []
+    if data.seq_len > model.max_seq_len:
+        problems.append(("data.seqLen", f"{data.seq_len} exceeds model.maxSeqLen ({model.max_seq_len})"))
+    return problems
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the allowed values."""
 
 
+class FieldErrors(ValueError):
+    """Raised by a model validator: (path, message) pairs, the path camelCase and relative to the
+    validated model, so :func:`format_validation_error` names the field (``spec.data.seqLen``)
+    rather than the section that holds the rule."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {msg}" for path, msg in problems))
+        self.problems = problems
+
+
+#: Regular expressions in words, for messages (registered by the modules that use them).
+PATTERN_DESCRIPTIONS: dict[str, str] = {}
+
+#: pydantic error types whose message is clearer with the offending value (shortened) after it.
+_ECHO_INPUT = frozenset(
+    {
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "string_pattern_mismatch",
+        "string_too_long",
+        "string_too_short",
+        "finite_number",
+    }
+)
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """Turn pydantic's error into lines like ``model.size: 'huge' is not one of tiny, small, ...``."""
+    """Turn pydantic's error into lines like ``model.size: 'huge' is not one of tiny, small, ...``.
+
+    Locations are the keys as written (camelCase in a TrainingRun, as the API server reports
+    them); rules across fields name the field they are about (:class:`FieldErrors`).
+    """
     lines = []
     for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"] if p != "__root__")
+        parts = [p for p in item["loc"] if p != "__root__"]
+        is_key = bool(parts) and parts[-1] == "[key]"  # a dict's key, not its value, is wrong
+        if is_key:
+            parts = parts[:-1]
+        loc = ""
+        for part in parts:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldErrors):
+            for path, msg in cause.problems:
+                full = f"{loc}.{path}" if loc else path
+                lines.append(f"{prefix}{full}: {msg}")
+            continue
         where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
         msg = item["msg"]
         if item["type"] == "literal_error":
@@ -288,7 +400,14 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown field"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        lines.append(f"{where}: {msg}")
+        elif item["type"] == "string_pattern_mismatch" and item["ctx"]["pattern"] in PATTERN_DESCRIPTIONS:
+            shown = repr(item["input"])
+            shown = shown if len(shown) <= 60 else shown[:50] + "..."
+            msg = f"must be {PATTERN_DESCRIPTIONS[item['ctx']['pattern']]} (got {shown})"
+        elif item["type"] in _ECHO_INPUT:
+            shown = repr(item["input"])
+            msg = f"{msg} (got {shown if len(shown) <= 60 else shown[:50] + '...'})"
+        lines.append(f"{where}: {'key ' if is_key else ''}{msg}")
     return "\n".join(lines)
 
 

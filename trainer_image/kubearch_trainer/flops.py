@@ -33,7 +33,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from kubearch_trainer.config import LORA_RANKS, ModelConfig
+from kubearch_trainer.config import LORA_RANKS, ModelConfig, family_dims
 
 if TYPE_CHECKING:  # torch is only needed when a built model is passed
     from torch import nn
@@ -145,8 +145,58 @@ def _uses_rope(cfg: ModelConfig) -> bool:
     return cfg.use_rope or cfg.attention == "rope_only" or cfg.attention.startswith("enhanced")
 
 
+#: Gates per recurrent cell (nn.LSTM 4, nn.GRU 3, nn.RNN 1).
+RECURRENT_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def _recurrent_params(cfg: ModelConfig) -> ParamCount:
+    """``models/recurrent.py``: embedding, ``depth`` cells (weight_ih, weight_hh, two biases per
+    gate), LayerNorm, head (tied to the embedding unless ``tie_embeddings`` is off)."""
+    h, depth = family_dims(cfg, "recurrent")
+    depth = max(1, depth)
+    cells = depth * RECURRENT_GATES[cfg.architecture] * (2 * h * h + 2 * h)
+    total = cfg.vocab_size * h + cells + 2 * h
+    lookup = 0
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * h
+        lookup = cfg.vocab_size * h
+    return ParamCount(total=total, active=total, lookup_only=lookup)
+
+
+def _cnn_params(cfg: ModelConfig) -> ParamCount:
+    """``models/cnn.py``: stem conv + BN, ``depth`` basic blocks in up to four stages (same stride
+    and channel rule as the model), and the classifier."""
+    width, depth = family_dims(cfg, "cnn")
+    depth = max(1, depth)
+    stages = min(4, max(1, (depth + 1) // 2))
+    total = cfg.image_channels * width * 9 + 2 * width
+    ch, side, stage = width, cfg.image_size, 0
+    for i in range(depth):
+        s = i * stages // depth
+        stride = 1
+        if s != stage:
+            stage = s
+            if side >= 4:
+                stride, side = 2, (side + 1) // 2
+        out = width * min(2**s, 4)
+        total += ch * out * 9 + 2 * out + out * out * 9 + 2 * out  # conv1, bn1, conv2, bn2
+        if stride != 1 or ch != out:
+            total += ch * out + 2 * out  # 1x1 projection shortcut + BN
+        ch = out
+    total += ch * cfg.num_classes + cfg.num_classes
+    return ParamCount(total=total, active=total, lookup_only=0)
+
+
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Analytic parameter count of the trainer's sequence models (see module docstring)."""
+    """Analytic parameter count of the trainer's sequence, recurrent and CNN models.
+
+    Exact (the tests compare it with built models); the operator's GPU matrix sizes runs with it.
+    The VAE and diffusion families are sized by name in the matrix and are not counted here.
+    """
+    if cfg.architecture in RECURRENT_GATES:
+        return _recurrent_params(cfg)
+    if cfg.architecture == "cnn":
+        return _cnn_params(cfg)
     d, ff, v = cfg.resolved("d_model"), cfg.resolved("d_ff"), cfg.vocab_size
     total = active = 0
     for kind in layer_kinds(cfg):

@@ -124,8 +124,11 @@ def write_termination_log(results: dict[str, Any]) -> None:
         "final_train_loss",
         "final_val_loss",
         "val_accuracy",
+        "perplexity",
         "tokens_per_second",
         "peak_memory_bytes",
+        "train_time_s",
+        "wall_time_s",
         "nan_count",
     )
     summary = {k: results.get(k) for k in keys}

@@ -121,20 +121,25 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not norms, biases or 1-d SSM parameters)."""
-    t = cfg.training
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's two groups: decay for matrices, none for vectors and ``_no_weight_decay`` tensors.
+
+    The dimension rule (GPT-2/nanoGPT) spares norms and biases. mamba-ssm additionally tags
+    ``A_log``, ``D`` and the Δ bias with ``_no_weight_decay``: ``A_log`` is 2-D, and decaying it
+    pulls every state's decay rate towards exp(0) = 1, so the tag is honoured whatever the shape.
+    """
+    # model.parameters() yields a tied weight (embedding == lm_head) once, in a stable order.
     params = [p for p in model.parameters() if p.requires_grad]
-    # Deduplicate tied weights (embedding == lm_head) while keeping a stable order.
-    seen: set[int] = set()
-    unique = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
-    decay = [p for p in unique if p.dim() >= 2]
-    no_decay = [p for p in unique if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    exempt = [p.dim() < 2 or bool(getattr(p, "_no_weight_decay", False)) for p in params]
+    decay = [p for p, skip in zip(params, exempt, strict=True) if not skip]
+    no_decay = [p for p, skip in zip(params, exempt, strict=True) if skip]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    t = cfg.training
+    groups = param_groups(model, t.weight_decay)
     extra: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), **extra)
 

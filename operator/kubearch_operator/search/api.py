@@ -14,6 +14,7 @@ Names follow Katib where Katib has one (``objective.goal``, ``parallelTrials``,
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, get_args
 
 from kubearch_trainer.config import ConfigError, format_validation_error
@@ -56,7 +57,9 @@ def _camel_path(path: str) -> str:
 
 
 def _check_scalar(value: Any, where: str) -> Scalar:
-    if isinstance(value, bool | int | float | str) and not (isinstance(value, float) and not math.isfinite(value)):
+    if isinstance(value, bool | int | float | str) and not (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
         return value
     raise ValueError(f"{where}: {value!r} is not a string, number or boolean")
 
@@ -101,7 +104,14 @@ def check_assignment(template: TrainingRunSpec, assignment: dict[str, Any], wher
     try:
         return TrainingRunSpec.model_validate(spec)
     except ValidationError as err:
-        raise ValueError(f"{where}: {format_validation_error(err, prefix='trialTemplate.')}") from None
+        lines = []
+        for line in format_validation_error(err).splitlines():
+            field, _, msg = line.partition(": ")
+            if len(assignment) == 1 and field == next(iter(assignment)):
+                lines.append(f"{where}: {msg} (as {field} of a TrainingRun spec)")
+            else:
+                lines.append(f"{where}: trialTemplate.{line}")
+        raise ValueError("\n".join(lines)) from None
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -112,18 +122,33 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def path_exists(path: str) -> bool:
-    """Whether ``path`` (camelCase) names a value field of a TrainingRun spec (not a whole section)."""
+def path_problem(path: str) -> str | None:
+    """Why ``path`` (camelCase) does not name a value field of a TrainingRun spec; None if it does.
+
+    The message lists the fields that do exist where the path went wrong, so a typo is fixed at once.
+    """
     model: type[BaseModel] | None = TrainingRunSpec
+    walked: list[str] = []
     for part in path.split("."):
         if model is None:
-            return False  # descending below a leaf
+            return f"{'.'.join(walked)} is a value, it has no field {part!r}"
         fields = {(info.alias or name): info for name, info in model.model_fields.items()}
         info = fields.get(part)
         if info is None:
-            return False
+            where = ".".join(walked) or "a TrainingRun spec"
+            return f"{path!r} is not a field of a TrainingRun spec; {where} has: {', '.join(sorted(fields))}"
+        walked.append(part)
         model = _submodel(info.annotation)
-    return model is None
+    if model is not None:
+        return (
+            f"{path!r} is a whole section; name one of its fields ({', '.join(sorted(model.model_fields))})"
+        )
+    return None
+
+
+def path_exists(path: str) -> bool:
+    """Whether ``path`` (camelCase) names a value field of a TrainingRun spec (not a whole section)."""
+    return path_problem(path) is None
 
 
 class SearchParameter(_Api):
@@ -137,10 +162,14 @@ class SearchParameter(_Api):
     values: list[Any] | None = Field(
         None, max_length=256, description="The values to try (strings, numbers or booleans)."
     )
-    min: float | None = Field(None, description="Lower end of a numeric range (random / tpe; grid needs step).")
+    min: float | None = Field(
+        None, description="Lower end of a numeric range (random / tpe; grid needs step)."
+    )
     max: float | None = Field(None, description="Upper end of a numeric range (inclusive).")
     log: bool = Field(False, description="Sample the range on a log scale (min must be > 0).")
-    step: float | None = Field(None, gt=0, description="Spacing of the range's values (grid enumerates them).")
+    step: float | None = Field(
+        None, gt=0, description="Spacing of the range's values (grid enumerates them)."
+    )
     type: Literal["int", "float"] | None = Field(
         None, description="Range type; default int when min, max (and step) are whole numbers, else float."
     )
@@ -194,9 +223,9 @@ class SearchParameter(_Api):
         if self.step is None:
             raise ValueError(f"{self.path}: grid search needs values or a range with step")
         assert self.min is not None and self.max is not None
-        count = int(math.floor((self.max - self.min) / self.step + 1e-9)) + 1
+        count = math.floor((self.max - self.min) / self.step + 1e-9) + 1
         out = [self.min + i * self.step for i in range(count)]
-        return [int(round(v)) for v in out] if self.type == "int" else out
+        return [round(v) for v in out] if self.type == "int" else out
 
 
 class Objective(_Api):
@@ -263,7 +292,9 @@ class Algorithm(_Api):
         max_length=16,
         description="Per rung, path -> value set on that rung's trials (e.g. training.batchSize).",
     )
-    eta: int = Field(3, ge=2, le=16, description="asha: reduction factor; the top 1/eta of a rung is promoted.")
+    eta: int = Field(
+        3, ge=2, le=16, description="asha: reduction factor; the top 1/eta of a rung is promoted."
+    )
     n_startup_trials: int = Field(
         10, ge=0, le=1000, description="tpe: random configurations before the model-based sampler starts."
     )
@@ -306,6 +337,65 @@ class Budget(_Api):
     max_gpus: int | None = Field(None, ge=1, le=4096, description="GPUs in use by running trials at once.")
 
 
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([EPTGMK]i?|[eEk]|GB|MB)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "MB": 10**6,
+    "GB": 10**9,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_bytes(quantity: str | int) -> int:
+    """A Kubernetes quantity (``24Gi``, ``80G``, ``25769803776``) in bytes."""
+    if isinstance(quantity, int):
+        return quantity
+    m = _QUANTITY.match(quantity.strip())
+    if not m:
+        raise ValueError(f"{quantity!r} is not a byte quantity such as 24Gi, 80G or 25769803776")
+    return int(float(m.group(1)) * _QUANTITY_FACTORS[m.group(2)])
+
+
+class Planning(_Api):
+    """The memory planner: fit each trial to its GPU *before* it is created (see planner.py)."""
+
+    enabled: bool = Field(True, description="Plan trials' memory (micro-batch, accumulation, checkpointing).")
+    gpu_memory: str | None = Field(
+        None,
+        description="Memory of one trial GPU (e.g. 24Gi); default: looked up from "
+        "trialTemplate.resources.gpuType (RTX-4090, A100-SXM4-80GB, H100, ...).",
+    )
+    safety_margin: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.9,
+        description="Fraction of the GPU kept free for what the estimator does not model (CUDA context, "
+        "allocator slack, workspaces).",
+    )
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+    def gpu_memory_bytes(self) -> int | None:
+        return parse_bytes(self.gpu_memory) if self.gpu_memory else None
+
+
 class ArchitectureSearchSpec(_Api):
     """``spec`` of an ArchitectureSearch."""
 
@@ -316,34 +406,43 @@ class ArchitectureSearchSpec(_Api):
     objective: Objective = Field(default_factory=Objective)
     algorithm: Algorithm = Field(default_factory=Algorithm)
     budget: Budget = Field(default_factory=Budget)
+    planning: Planning = Field(default_factory=Planning)
 
     @model_validator(mode="after")
     def _space_fits_template(self) -> ArchitectureSearchSpec:
         seen: set[str] = set()
         for i, param in enumerate(self.search_space):
-            where = f"searchSpace[{i}] ({param.path})"
+            where = f"searchSpace[{i}]"
             if param.path in seen:
-                raise ValueError(f"{where}: the path appears twice")
+                raise ValueError(f"{where}.path: {param.path!r} appears twice in searchSpace")
             seen.add(param.path)
             if param.path in RUNG_STEP_PATHS:
-                raise ValueError(f"{where}: trial length is set by algorithm.rungs, not searched")
-            if not path_exists(param.path):
-                raise ValueError(f"{where}: no such field in a TrainingRun spec")
-            probes = param.values if param.values is not None else [param.min, param.max]
-            if param.is_range and param.type == "int":
-                probes = [int(p) for p in probes]
-            for value in probes:
-                check_assignment(self.trial_template, {param.path: value}, where)
+                raise ValueError(
+                    f"{where}.path: {param.path!r} is set by algorithm.rungs (steps per trial), not searched"
+                )
+            problem = path_problem(param.path)
+            if problem:
+                raise ValueError(f"{where}.path: {problem}")
+            if param.values is not None:
+                probes = [(f"{where}.values[{j}]", v) for j, v in enumerate(param.values)]
+            else:
+                lo, hi = (param.min, param.max) if param.type == "float" else (int(param.min), int(param.max))
+                probes = [(f"{where}.min", lo), (f"{where}.max", hi)]
+            for at, value in probes:
+                check_assignment(self.trial_template, {param.path: value}, at)
             if self.algorithm.name == "grid":
                 try:
                     param.grid_values()
                 except ValueError as err:
-                    raise ValueError(f"searchSpace[{i}]: {err}") from None
+                    raise ValueError(f"{where}: {err}") from None
         for r, overrides in enumerate(self.algorithm.rung_overrides):
             for path, value in overrides.items():
-                where = f"algorithm.rungOverrides[{r}] ({path})"
-                if not path_exists(path):
-                    raise ValueError(f"{where}: no such field in a TrainingRun spec")
+                where = f"algorithm.rungOverrides[{r}].{path}"
+                if path in RUNG_STEP_PATHS:
+                    raise ValueError(f"{where}: trial length is set by algorithm.rungs")
+                problem = path_problem(path)
+                if problem:
+                    raise ValueError(f"{where}: {problem}")
                 check_assignment(self.trial_template, {path: value}, where)
         return self
 
@@ -383,7 +482,8 @@ class TrialRecord(_Api):
     objective: float | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
     plan: dict[str, Any] = Field(
-        default_factory=dict, description="What the memory planner changed (batch, accumulation, ...) and why."
+        default_factory=dict,
+        description="What the memory planner changed (batch, accumulation, ...) and why.",
     )
     oom_retries: int = Field(0, ge=0)
     start_time: str | None = None
@@ -457,7 +557,25 @@ def parse_search_spec(spec: dict[str, Any] | None) -> ArchitectureSearchSpec:
     try:
         return ArchitectureSearchSpec.model_validate(spec or {})
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix="spec.")) from None
+        raise ConfigError(_field_style(format_validation_error(err, prefix="spec."))) from None
+
+
+_SPEC_FIELDS = r"(searchSpace|algorithm|objective|budget|planning|trialTemplate)"
+
+
+def _field_style(text: str) -> str:
+    """``spec: searchSpace[0].path: ...`` -> ``spec.searchSpace[0].path: ...`` and list indices in
+    brackets (``searchSpace.0`` -> ``searchSpace[0]``): one spelling of a field's place everywhere."""
+    out = []
+    for line in text.splitlines():
+        line = re.sub(rf"^spec: (?={_SPEC_FIELDS}\b)", "spec.", line)
+        field, sep, rest = line.partition(": ")
+        field = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", field)
+        inner = re.match(r"^(\w+)(\[\d+\]): ", rest)  # "spec.algorithm.rungs: rungs[1]: ..."
+        if inner and field.endswith("." + inner.group(1)):
+            field, rest = field + inner.group(2), rest[inner.end() :]
+        out.append(field + sep + rest)
+    return "\n".join(out)
 
 
 def parse_search_status(status: dict[str, Any] | None) -> ArchitectureSearchStatus:

@@ -13,28 +13,9 @@ import math
 import torch
 from torch import nn
 
-from kubearch_trainer.config import ModelConfig
+from kubearch_trainer.config import FAMILY_SIZE_TABLE, ModelConfig, family_dims  # noqa: F401 - re-exported
 
-#: (base channels, depth) per size. VAE depth = stride-2 down-sampling stages of the encoder;
-#: diffusion depth = U-Net resolution levels; CNN depth = residual blocks (the model guide's
-#: small 64ch/4, medium 128ch/6, large 256ch/8); recurrent: hidden size and stacked layers (the
-#: model guide's small 256/2, medium 512/4, large 1024/4). ``tiny`` is a CI-sized row below them.
-FAMILY_SIZE_TABLE: dict[str, dict[str, tuple[int, int]]] = {
-    "vae": {"tiny": (16, 2), "small": (32, 3), "medium": (64, 3), "large": (128, 4)},
-    "diffusion": {"tiny": (16, 2), "small": (32, 2), "medium": (64, 3), "large": (128, 3)},
-    "cnn": {"tiny": (16, 2), "small": (64, 4), "medium": (128, 6), "large": (256, 8)},
-    "recurrent": {"tiny": (128, 2), "small": (256, 2), "medium": (512, 4), "large": (1024, 4)},
-}
-
-
-def family_dims(cfg: ModelConfig, family: str) -> tuple[int, int]:
-    """(width, depth) for ``family``: the size preset unless ``d_model``/``n_layers`` are set."""
-    width, depth = FAMILY_SIZE_TABLE[family][cfg.size]
-    if cfg.d_model is not None:
-        width = int(cfg.d_model)
-    if cfg.n_layers is not None:
-        depth = int(cfg.n_layers)
-    return width, depth
+# The size tables live in config.py (torch-free: the operator's GPU matrix counts parameters).
 
 
 def seeded_randn(

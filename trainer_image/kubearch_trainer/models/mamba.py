@@ -66,6 +66,15 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
 
+    def delta(self, dt: torch.Tensor) -> torch.Tensor:
+        """Δ = softplus(W dt + b) with the bias added in fp32, as mamba-ssm's ``delta_bias`` is.
+
+        The matmul may run in bf16 under autocast; the bias (softplus^-1 of time scales down to
+        1e-3) is added after widening, so its small values are not rounded to bf16's 8 bits.
+        """
+        projected = F.linear(dt, self.dt_proj.weight).float()
+        return F.softplus(projected + self.dt_proj.bias.float())
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         length = h.size(1)
         x, z = self.in_proj(h).chunk(2, dim=-1)
@@ -74,7 +83,7 @@ class MambaMixer(nn.Module):
         # output next to the strided one the scan saves (one (B, L, d_inner) tensor more per layer).
         x = F.silu(x.contiguous())
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())
+        delta = self.delta(dt)
         A = -torch.exp(self.A_log.float())
         y = selective_scan(x, delta, A, B, C, self.D)
         return self.out_proj(y.to(z.dtype) * F.silu(z))

@@ -95,11 +95,22 @@ class MoELayer(nn.Module):
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         return x.is_cuda and self.compute_dtype(x) == torch.bfloat16 and _grouped_mm_fn() is not None
 
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits in fp32 (Switch Transformer's "selective precision"), autocast or not.
+
+        Under bf16 autocast ``self.router(x)`` would run in bf16 and ``.float()`` afterwards only
+        widens already-rounded values; with 3 significant digits, near-tied experts swap and the
+        z-loss is computed on rounded logits. Autocast is switched off and both operands widened.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            bias = self.router.bias
+            return F.linear(x.float(), self.router.weight.float(), None if bias is None else bias.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, d)
         n_tokens = x.size(0)
-        logits = self.router(x).float()  # (N, E)
+        logits = self.router_logits(x)  # (N, E)
         probs = logits.softmax(dim=-1)
         gates, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         gates = gates / gates.sum(dim=-1, keepdim=True)

@@ -1,0 +1,160 @@
+"""The watch-driven controller's plumbing, without a cluster: work queue, expectations, outage
+logging, and the pure rules for refused objects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+from kubearch_operator import refusals
+from kubearch_operator.api import parse_status
+from kubearch_operator.workqueue import Expectations, Outage, WorkQueue
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_queue_dedups_keys_added_before_a_worker_takes_them() -> None:
+    async def go() -> list:
+        q = WorkQueue()
+        for _ in range(5):
+            q.add("a")
+        q.add("b")
+        got = [(await q.get())[0], (await q.get())[0]]
+        assert len(q) == 0
+        return got
+
+    assert run(go()) == ["a", "b"]
+
+
+def test_a_key_added_while_processing_is_not_handed_out_twice_but_requeued_after() -> None:
+    async def go() -> None:
+        q = WorkQueue()
+        q.add("a")
+        key, _ = await q.get()
+        q.add("a")  # an event during the pass
+        assert len(q) == 0  # not available to a second worker while "a" is processed
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(q.get(), 0.05)
+        q.done(key)
+        assert (await asyncio.wait_for(q.get(), 1))[0] == "a"  # ... but not lost either
+
+    run(go())
+
+
+def test_add_after_fires_once_and_the_earliest_wakeup_wins() -> None:
+    async def go() -> None:
+        q = WorkQueue()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        q.add_after("a", 5.0)
+        q.add_after("a", 0.05)  # earlier: replaces
+        q.add_after("a", 3.0)  # later: ignored
+        key, _ = await asyncio.wait_for(q.get(), 1)
+        assert key == "a" and loop.time() - start < 1
+        assert q.pending_timers() == 0
+
+    run(go())
+
+
+def test_retry_backs_off_exponentially_and_forget_resets_it() -> None:
+    async def go() -> None:
+        q = WorkQueue(base_delay=1.0, max_delay=5.0)
+        assert [q.retry("a") for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+        q.forget("a")
+        assert q.retry("a") == 1.0
+        q.drop("a")
+        assert q.pending_timers() == 0
+
+    run(go())
+
+
+def test_expectations_wait_for_observed_names_or_the_timeout() -> None:
+    exp = Expectations(timeout=30)
+    exp.expect("run", ["p0", "p1"])
+    assert exp.satisfied("run") is not None
+    exp.observed("run", "p0")
+    assert exp.satisfied("run") is not None
+    exp.observed("run", "p1")
+    assert exp.satisfied("run") is None
+    expired = Expectations(timeout=-1)
+    expired.expect("run", ["p0"])
+    assert expired.satisfied("run") is None  # a lost event never blocks a run for good
+
+
+def test_outage_logs_once_per_outage_and_once_on_reconnect(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test.outage")
+    outage = Outage(log)
+    with caplog.at_level(logging.INFO, logger="test.outage"):
+        assert outage.ok() is False
+        starts = [outage.failed(ConnectionRefusedError("refused")) for _ in range(1000)]
+        ends = [outage.ok() for _ in range(3)]
+        outage.failed(ConnectionRefusedError("again"))
+    assert starts.count(True) == 1 and ends == [True, False, False]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert "unreachable" in messages[0] and "reconnected" in messages[1] and "1000 failed" in messages[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# refused objects
+# ------------------------------------------------------------------------------------------------
+STATUS_422 = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "status": "Failure",
+    "message": 'Pod "bad-master-0" is invalid: spec.nodeSelector: Invalid value: "a b": a valid label '
+    "must be an empty string or consist of alphanumeric characters",
+    "reason": "Invalid",
+    "details": {
+        "name": "bad-master-0",
+        "kind": "Pod",
+        "causes": [
+            {
+                "reason": "FieldValueInvalid",
+                "message": 'Invalid value: "a b": a valid label must be ...',
+                "field": "spec.nodeSelector",
+            }
+        ],
+    },
+    "code": 422,
+}
+
+
+def test_refusal_message_names_object_field_and_the_api_servers_words() -> None:
+    text = refusals.describe_refusal("Pod", "bad-master-0", 422, json.dumps(STATUS_422))
+    assert "Pod bad-master-0" in text and "(422)" in text
+    assert "spec.nodeSelector" in text and 'Invalid value: "a b"' in text
+
+
+def test_refusal_of_a_non_json_body_keeps_the_raw_text() -> None:
+    text = refusals.describe_refusal("ConfigMap", "x-config", 413, b"request entity too large")
+    assert "ConfigMap x-config (413)" in text and "request entity too large" in text
+
+
+def test_refused_fails_the_run_with_an_object_rejected_condition() -> None:
+    status = parse_status({"phase": "Created", "restartCount": 0})
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    st = refusals.refused(status, "the API server refused Pod p (422)", now)
+    assert st.phase == "Failed" and st.completion_time == "2026-01-01T00:00:00Z"
+    failed = next(c for c in st.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("True", "ObjectRejected")
+    assert "Pod p" in failed.message
+    assert status.phase == "Created"  # the input is not modified
+
+
+@pytest.mark.parametrize(
+    ("code", "refused"), [(400, True), (413, True), (422, True), (409, False), (500, False)]
+)
+def test_only_requests_that_can_never_succeed_count_as_refused(code: int, refused: bool) -> None:
+    assert refusals.is_refused(code) is refused
+
+
+def test_owner_uid_prefers_the_controller_reference() -> None:
+    obj = {"metadata": {"ownerReferences": [{"uid": "other"}, {"uid": "ctl", "controller": True}]}}
+    assert refusals.owner_uid(obj) == "ctl"
+    assert refusals.owner_uid({"metadata": {}}) is None
