@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubearch_operator.api import TrainingRunSpec
+
 SCHEMA, OPERATOR = "schema", "operator"
 MB = "x" * 1_000_000  # a 1 MB string: ConfigMap/pod/annotation size limits
 
@@ -241,4 +243,15 @@ GOOD: list[dict[str, Any]] = [
     {"runPolicy": {"schedulingPolicy": {"priorityClass": "high"}}},
     {"runPolicy": {"schedulingPolicy": {"schedulerName": "volcano", "queue": "q", "minAvailable": 2}}},
     {"model": {"architecture": "vq_vae", "codebookSize": 64, "latentDim": 8, "imageSize": 16}},
+]
+
+#: Whole dumps (every default written out, as model_dump and the search's reports do) are valid:
+#: the "chosen" rules ignore options that equal their default.
+GOOD += [
+    TrainingRunSpec.model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
+    for spec in (
+        {},
+        {"model": {"architecture": "cnn"}},
+        {"data": {"seqLen": 32}, "training": {"stepsPerEpoch": 3}},
+    )
 ]

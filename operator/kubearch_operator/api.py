@@ -139,7 +139,10 @@ class Resources(_Api):
 
     auto: bool = Field(False, description="Choose the shape from the GPU matrix (dataset size x model).")
     dataset_samples: int | None = Field(
-        None, ge=0, le=10**15, description="Training samples in the data set; the GPU matrix's first axis (auto)."
+        None,
+        ge=0,
+        le=10**15,
+        description="Training samples in the data set; the GPU matrix's first axis (auto).",
     )
     nodes: int | None = Field(None, ge=1, le=64, description="Pods (one per node); default 1.")
     gpus_per_node: int | None = Field(
@@ -152,7 +155,7 @@ class Resources(_Api):
         None,
         max_length=LABEL_VALUE_MAX,
         pattern=LABEL_VALUE,
-        description="GPU model label value, e.g. NVIDIA-A100-SXM4-80GB (nodeSelector on gpuTypeLabel)."
+        description="GPU model label value, e.g. NVIDIA-A100-SXM4-80GB (nodeSelector on gpuTypeLabel).",
     )
     gpu_type_label: str = Field(
         "nvidia.com/gpu.product",
@@ -170,7 +173,10 @@ class Resources(_Api):
         description="Memory request and limit per pod.",
     )
     shm_size: str = Field(
-        "2Gi", max_length=QUANTITY_MAX, pattern=r"^[0-9]+([EPTGMK]i?)?$", description="Size limit of the memory-backed /dev/shm."
+        "2Gi",
+        max_length=QUANTITY_MAX,
+        pattern=r"^[0-9]+([EPTGMK]i?)?$",
+        description="Size limit of the memory-backed /dev/shm.",
     )
     node_selector: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, max_length=MAX_NODE_SELECTOR, description="Node labels the pods require."
@@ -182,7 +188,7 @@ class Resources(_Api):
         None,
         max_length=DNS1123_SUBDOMAIN_MAX,
         pattern=DNS1123_SUBDOMAIN,
-        description="PersistentVolumeClaim mounted at /checkpoints so restarts resume; else emptyDir."
+        description="PersistentVolumeClaim mounted at /checkpoints so restarts resume; else emptyDir.",
     )
     master_port: int = Field(DEFAULT_MASTER_PORT, ge=1, le=65535)
 
@@ -232,26 +238,31 @@ class SchedulingPolicy(_Api):
         None, ge=1, le=64, description="Gang size: pods that must be schedulable together (default: all)."
     )
 
-
     @model_validator(mode="after")
     def _needs_a_scheduler(self) -> SchedulingPolicy:
         orphans = [to_camel(f) for f in ("queue", "min_available") if getattr(self, f) is not None]
         if orphans and not self.scheduler_name:
-            raise FieldErrors(
-                [(o, "needs schedulerName: only a gang scheduler reads it") for o in orphans]
-            )
+            raise FieldErrors([(o, "needs schedulerName: only a gang scheduler reads it") for o in orphans])
         return self
 
 
 class RunPolicy(_Api):
     """Failure and lifecycle policy with Kubeflow's names and meanings."""
 
-    backoff_limit: int = Field(3, ge=0, le=1000, description="Group restarts allowed after retryable failures.")
+    backoff_limit: int = Field(
+        3, ge=0, le=1000, description="Group restarts allowed after retryable failures."
+    )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, le=10 * 365 * 86400, description="Fail the run when it has been active this long (reset by suspend)."
+        None,
+        ge=1,
+        le=10 * 365 * 86400,
+        description="Fail the run when it has been active this long (reset by suspend).",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, le=10 * 365 * 86400, description="Delete the run (and its pods) this long after it finished."
+        None,
+        ge=0,
+        le=10 * 365 * 86400,
+        description="Delete the run (and its pods) this long after it finished.",
     )
     suspend: bool = Field(False, description="true deletes the pods and keeps the run; false resumes it.")
     clean_pod_policy: Literal["None", "Running", "All"] = Field(
@@ -289,23 +300,35 @@ class TrainingRunSpec(_Api):
         )
 
 
+def chosen(section: BaseModel, field: str) -> bool:
+    """Written in the spec with a value other than the field's default."""
+    default = type(section).model_fields[field].default
+    return field in section.model_fields_set and getattr(section, field) != default
+
+
 def spec_cross_checks(spec: TrainingRunSpec) -> list[tuple[str, str]]:
     """Contradictions between fields of a run, as (camelCase path, message) pairs.
 
-    Options of another family are refused only when *written* (``model_fields_set``): the CRD
-    gives them no default so that its CEL ``has()`` sees the same thing.
+    Options of another family, an explicit hybrid window and an explicit warm-up are checked only
+    when *chosen*: written with a value other than the default (:func:`chosen`). The CRD gives
+    them no default, so its CEL rules (``!has(x) || x == default || ...``) see the same thing, and
+    a spec dumped whole (every default written out, as ``model_dump`` does) stays valid.
     """
     model, data, training, res = spec.model, spec.data, spec.training, spec.resources
     problems = []
     for field, families in FAMILY_OPTIONS.items():
-        if field in model.model_fields_set and model.architecture not in families:
+        if chosen(model, field) and model.architecture not in families:
             problems.append(
                 (
                     f"model.{to_camel(field)}",
                     f"applies to architecture {', '.join(families)} only, not {model.architecture}",
                 )
             )
-    if "hybrid_local_window" in model.model_fields_set and model.hybrid_local_window > data.seq_len:
+    if (
+        model.architecture == "hybrid"
+        and chosen(model, "hybrid_local_window")
+        and model.hybrid_local_window > data.seq_len
+    ):
         problems.append(
             (
                 "model.hybridLocalWindow",
@@ -313,7 +336,7 @@ def spec_cross_checks(spec: TrainingRunSpec) -> list[tuple[str, str]]:
                 "a window longer than the sequence is full attention",
             )
         )
-    if "warmup_steps" in training.model_fields_set and training.warmup_steps > training.total_steps:
+    if chosen(training, "warmup_steps") and training.warmup_steps > training.total_steps:
         problems.append(
             (
                 "training.warmupSteps",

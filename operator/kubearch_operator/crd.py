@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 import yaml
-from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS
+from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS, ModelConfig, TrainingConfig
 from pydantic.alias_generators import to_camel
 
 from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, TrainingRunSpec, TrainingRunStatus
@@ -45,6 +45,10 @@ PRINTER_COLUMNS = [
 ]
 
 
+def _default(model: type, field: str) -> Any:
+    return model.model_fields[field].default  # type: ignore[attr-defined]
+
+
 def _rule(rule: str, message: str, field: str | None = None) -> dict[str, str]:
     """A CEL rule; ``fieldPath`` makes the API server name the field (``spec.data.seqLen``)."""
     out = {"rule": rule, "message": message}
@@ -63,7 +67,9 @@ def _rule(rule: str, message: str, field: str | None = None) -> dict[str, str]:
 SPEC_RULES = [
     _rule("self.data.seqLen <= self.model.maxSeqLen", "data.seqLen exceeds model.maxSeqLen", ".data.seqLen"),
     _rule(
-        "!has(self.model.hybridLocalWindow) || self.model.hybridLocalWindow <= self.data.seqLen",
+        "self.model.architecture != 'hybrid' || !has(self.model.hybridLocalWindow) "
+        f"|| self.model.hybridLocalWindow == {_default(ModelConfig, 'hybrid_local_window')} "
+        "|| self.model.hybridLocalWindow <= self.data.seqLen",
         "hybridLocalWindow exceeds data.seqLen: a window longer than the sequence is full attention",
         ".model.hybridLocalWindow",
     ),
@@ -118,7 +124,8 @@ SCHEDULING_RULES = [
 ]
 TRAINING_RULES = [
     _rule(
-        "!has(self.warmupSteps) || self.warmupSteps <= self.numEpochs * self.stepsPerEpoch",
+        f"!has(self.warmupSteps) || self.warmupSteps == {_default(TrainingConfig, 'warmup_steps')} "
+        "|| self.warmupSteps <= self.numEpochs * self.stepsPerEpoch",
         "warmupSteps exceeds the run's steps (numEpochs x stepsPerEpoch)",
         ".warmupSteps",
     )
@@ -126,14 +133,17 @@ TRAINING_RULES = [
 
 
 def _family_rules() -> list[dict[str, str]]:
-    """An option of another family, written explicitly, is refused (config.FAMILY_OPTIONS)."""
+    """An option of another family, chosen explicitly (written, not the default), is refused
+    (config.FAMILY_OPTIONS; the pydantic twin is api.spec_cross_checks with api.chosen)."""
     rules = []
     for field, families in FAMILY_OPTIONS.items():
         name = to_camel(field)
         allowed = ", ".join(f"'{f}'" for f in families)
+        default = ModelConfig.model_fields[field].default
+        literal = f"'{default}'" if isinstance(default, str) else repr(default)
         rules.append(
             _rule(
-                f"!has(self.{name}) || self.architecture in [{allowed}]",
+                f"!has(self.{name}) || self.{name} == {literal} || self.architecture in [{allowed}]",
                 f"applies to architecture {', '.join(families)} only",
                 f".{name}",
             )

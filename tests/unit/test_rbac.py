@@ -72,6 +72,21 @@ _CUSTOM_CALL = re.compile(
 )
 
 
+_DYNAMIC_CALL = re.compile(r"^(create|delete|patch|read|list|replace)_namespaced_$")
+#: kopf decorators that make kopf list and watch a resource.
+_KOPF_WATCHERS = {"index", "event", "create", "update", "delete", "resume", "field", "daemon", "timer"}
+
+
+def _is_kopf_watch(func: ast.expr) -> bool:
+    """``kopf.index(...)``, ``kopf.on.event(...)``, ``kopf.daemon(...)`` ..."""
+    if not isinstance(func, ast.Attribute) or func.attr not in _KOPF_WATCHERS:
+        return False
+    base = func.value
+    if isinstance(base, ast.Attribute) and base.attr == "on":
+        base = base.value
+    return isinstance(base, ast.Name) and base.id == "kopf"
+
+
 def _value(node: ast.expr, module: object) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
@@ -87,7 +102,33 @@ def calls_in_code() -> dict[tuple[str, str, str], list[str]]:
         if path.relative_to(PACKAGE) in NOT_OPERATOR:
             continue
         module = importlib.import_module(".".join(path.relative_to(REPO / "operator").with_suffix("").parts))
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Nouns passed as string arguments (``_ensure_child(..., "config_map")``): what a
+        # ``getattr(core, f"create_namespaced_{resource}")`` in the same module may resolve to.
+        nouns = {
+            a.value
+            for call in ast.walk(tree)
+            if isinstance(call, ast.Call)
+            for a in [*call.args, *(k.value for k in call.keywords)]
+            if isinstance(a, ast.Constant) and a.value in CORE
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+                if m := _DYNAMIC_CALL.match(str(node.values[0].value)):
+                    for noun in nouns:
+                        where = f"{path.name}:{node.lineno} getattr {m.group(1)}_namespaced_<{noun}>"
+                        found.setdefault(("", CORE[noun], VERBS[m.group(1)]), []).append(where)
+                continue
+            if isinstance(node, ast.Call) and _is_kopf_watch(node.func):
+                # kopf lists and watches what a handler or index is registered for
+                watched = [_value(a, module) for a in node.args]
+                if len(watched) >= 2 and all(watched):
+                    group = "" if watched[0] == "v1" else watched[0]
+                    plural = watched[-1]
+                    where = f"{path.name}:{node.lineno} kopf watch {plural}"
+                    for verb in ("list", "watch"):
+                        found.setdefault((group, plural, verb), []).append(where)
+                continue
             # CoreV1Api methods count wherever they are named (called, or passed on as
             # `_create_if_absent(core.create_namespaced_pod, ...)`); custom-object calls need
             # their arguments to tell the resource.

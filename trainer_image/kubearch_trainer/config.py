@@ -130,7 +130,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """What to build. Sizes follow the search report; explicit dimensions override the preset."""
 
-    architecture: str = Field("dense", max_length=63, description="Model family; one of the built-in architectures.")
+    architecture: str = Field(
+        "dense", max_length=63, description="Model family; one of the built-in architectures."
+    )
     size: Literal["tiny", "small", "medium", "large"] = Field(
         "tiny",
         description="Size preset (search report): tiny 256d/4L, small 384d/6L, "
@@ -139,9 +141,15 @@ class ModelConfig(_Section):
     d_model: int | None = Field(None, ge=8, le=65536, description="Overrides the preset's model width.")
     n_layers: int | None = Field(None, ge=1, le=1024, description="Overrides the preset's depth.")
     n_heads: int | None = Field(None, ge=1, le=1024, description="Overrides the preset's attention heads.")
-    d_ff: int | None = Field(None, ge=8, le=1_048_576, description="Overrides the preset's feed-forward width.")
-    vocab_size: int = Field(256, ge=2, le=1_048_576, description="Vocabulary size; 256 for the byte-level tokenizer.")
-    max_seq_len: int = Field(4096, ge=8, le=1_048_576, description="Longest sequence the position tables support.")
+    d_ff: int | None = Field(
+        None, ge=8, le=1_048_576, description="Overrides the preset's feed-forward width."
+    )
+    vocab_size: int = Field(
+        256, ge=2, le=1_048_576, description="Vocabulary size; 256 for the byte-level tokenizer."
+    )
+    max_seq_len: int = Field(
+        4096, ge=8, le=1_048_576, description="Longest sequence the position tables support."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     # dense transformer
@@ -168,15 +176,21 @@ class ModelConfig(_Section):
     state_size: int = Field(16, ge=1, le=256, description="SSM state size N.")
     conv_size: int = Field(4, ge=1, le=64, description="Depthwise causal conv kernel width.")
     expand: int = Field(2, ge=1, le=8, description="Mamba inner expansion factor.")
-    hybrid_local_window: int = Field(256, ge=1, le=1_048_576, description="Sliding-window size of hybrid attention.")
+    hybrid_local_window: int = Field(
+        256, ge=1, le=1_048_576, description="Sliding-window size of hybrid attention."
+    )
     hybrid_attention_every: int = Field(
         2, ge=1, le=1024, description="Every k-th hybrid layer is local attention, the rest Mamba."
     )
 
     # moe
     num_experts: int = Field(8, ge=1, le=256)
-    expert_capacity: int = Field(2, ge=1, le=256, description="Experts per token (top-k), as the seed names it.")
-    moe_aux_loss_weight: float = Field(1e-2, ge=0.0, le=100.0, description="Switch load-balancing loss weight.")
+    expert_capacity: int = Field(
+        2, ge=1, le=256, description="Experts per token (top-k), as the seed names it."
+    )
+    moe_aux_loss_weight: float = Field(
+        1e-2, ge=0.0, le=100.0, description="Switch load-balancing loss weight."
+    )
     moe_z_loss_weight: float = Field(1e-3, ge=0.0, le=100.0, description="Router z-loss weight.")
 
     # image / latent families (issue 3)
@@ -188,7 +202,10 @@ class ModelConfig(_Section):
     codebook_size: int = Field(128, ge=2, le=1_048_576, description="vq_vae codebook entries.")
     commitment_cost: float = Field(0.25, ge=0.0, le=100.0)
     dead_code_steps: int = Field(
-        100, ge=1, le=1_000_000_000, description="vq_vae: re-initialise a code unused for this many training steps."
+        100,
+        ge=1,
+        le=1_000_000_000,
+        description="vq_vae: re-initialise a code unused for this many training steps.",
     )
     diffusion_timesteps: int = Field(1000, ge=2, le=100_000)
     noise_schedule: Literal["linear", "cosine"] = "linear"
@@ -239,7 +256,9 @@ class DataConfig(_Section):
     )
     format: Literal["auto", "text", "jsonl", "folder", "images", "npz"] = "auto"
     dataset: str | None = Field(
-        None, max_length=128, description="Built-in generated data set when no path is given (per task; see README)."
+        None,
+        max_length=128,
+        description="Built-in generated data set when no path is given (per task; see README).",
     )
     jsonl_field: str = Field("text", max_length=256, description="JSONL key holding the text.")
     tokenizer: Literal["byte"] = Field("byte", description="Byte-level tokenizer, no download needed.")
@@ -253,8 +272,8 @@ class RegulationConfig(_Section):
 
     enabled: bool = False
     variance_threshold: float | None = Field(None, gt=0.0, le=1e6)
-    lambda_variance: float | None = Field(None, ge=0.0, le=1e6)
-    lambda_rate: float | None = Field(None, ge=0.0, le=1e6)
+    lambda_variance: float | None = Field(None, ge=0.0, le=1e9)
+    lambda_rate: float | None = Field(None, ge=0.0, le=1e9)
     adaptive_schedule: bool = True
     # transformers
     regulate_attention: bool = True
@@ -286,11 +305,17 @@ class TrainingConfig(_Section):
     use_amp: bool = Field(False, description="Mixed precision (bf16 autocast on GPU).")
     use_compile: bool = Field(False, description="torch.compile the model.")
     use_gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=0, le=1_000_000_000, description="Evaluate every N optimizer steps; 0 only at the end.")
+    eval_every: int = Field(
+        50, ge=0, le=1_000_000_000, description="Evaluate every N optimizer steps; 0 only at the end."
+    )
     eval_batches: int = Field(10, ge=1, le=1_000_000)
     log_every: int = Field(10, ge=1, le=1_000_000_000)
-    checkpoint_every: int = Field(0, ge=0, le=1_000_000_000, description="Checkpoint every N steps; 0 only at the end.")
-    max_consecutive_nans: int = Field(5, ge=1, le=1_000_000, description="Stop after this many non-finite losses in a row.")
+    checkpoint_every: int = Field(
+        0, ge=0, le=1_000_000_000, description="Checkpoint every N steps; 0 only at the end."
+    )
+    max_consecutive_nans: int = Field(
+        5, ge=1, le=1_000_000, description="Stop after this many non-finite losses in a row."
+    )
     seed: int = Field(1337, ge=0, le=2**32 - 1, description="numpy accepts seeds below 2^32.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = Field("runs/default", min_length=1, max_length=4096)
