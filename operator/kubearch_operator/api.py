@@ -31,6 +31,8 @@ from kubearch_trainer.config import (
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from .pod_template import PodTemplate
+
 GROUP = "kubearch.dev"
 VERSION = "v1alpha1"
 KIND = "TrainingRun"
@@ -277,6 +279,9 @@ class TrainingRunSpec(_Api):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     resources: Resources = Field(default_factory=Resources)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    pod_template: PodTemplate | None = Field(
+        None, description="Merged into every pod: env, volumes, serviceAccountName, ... (pod_template.py)."
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainingRunSpec:

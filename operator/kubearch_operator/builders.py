@@ -38,6 +38,7 @@ from kubearch_trainer.config import ConfigError, TrainConfig
 
 from . import gpu_matrix
 from .api import API_VERSION, KIND, ChosenShape, TrainingRunSpec
+from .pod_template import apply_pod_template
 
 APP_LABEL = "app.kubernetes.io/name"
 APP = "kubearch"
@@ -412,7 +413,8 @@ def build_pod(
             pod_spec["schedulerName"] = policy.scheduler_name
         if policy.priority_class:
             pod_spec["priorityClassName"] = policy.priority_class
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    return apply_pod_template(pod, spec.pod_template)  # the user's additions; contract kept
 
 
 def build_pods(

@@ -83,8 +83,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_pki(d: Path) -> None:
-    """CA, serving cert for the API server, and the service-account signing key."""
+def _write_pki(d: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """CA, serving cert for the API server (127.0.0.1 + ``extra_ips``), and the service-account key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -131,6 +131,7 @@ def _write_pki(d: Path) -> None:
                     x509.DNSName("localhost"),
                     x509.DNSName("kubernetes.default.svc"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
                 ]
             ),
             critical=False,
@@ -180,6 +181,13 @@ class ControlPlane:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     api_port: int = 0
     token: str = "kubearch-admin-token"
+    #: A real node (tests/e2e/node.py) needs pods to reach the API server: it binds 0.0.0.0,
+    #: advertises the node's bridge address and adds that and the ``kubernetes`` Service's IP to
+    #: the certificate. It also needs more controllers (endpointslice for cluster DNS, ...).
+    bind_address: str = "127.0.0.1"
+    advertise_address: str = "127.0.0.1"
+    extra_sans: tuple[str, ...] = ()
+    extra_controllers: tuple[str, ...] = ()
     _apiserver_args: list[str] = field(default_factory=list)
 
     @property
@@ -208,7 +216,7 @@ class ControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
         pki = self.workdir / "pki"
         pki.mkdir(exist_ok=True)
-        _write_pki(pki)
+        _write_pki(pki, self.extra_sans)
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
         self._spawn(
@@ -228,8 +236,9 @@ class ControlPlane:
         (pki / "tokens.csv").write_text(f"{self.token},admin,admin-uid,system:masters\n")
         self._apiserver_args = [
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.bind_address}",
+            f"--advertise-address={self.advertise_address}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             f"--secure-port={self.api_port}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
             f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -266,7 +275,17 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig}",
                 f"--authentication-kubeconfig={self.kubeconfig}",
                 f"--authorization-kubeconfig={self.kubeconfig}",
-                "--controllers=garbagecollector,namespace,serviceaccount,nodelifecycle",
+                "--controllers="
+                + ",".join(
+                    (
+                        "garbagecollector",
+                        "namespace",
+                        "serviceaccount",
+                        "nodelifecycle",
+                        *self.extra_controllers,
+                    )
+                ),
+                f"--root-ca-file={self.workdir / 'pki' / 'ca.crt'}",
                 "--leader-elect=false",
                 "--secure-port=0",
                 "--concurrent-gc-syncs=5",
