@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 from controlplane import wait_for
+from kubearch_operator.api import LABEL_VALUE_MAX, MAX_NODE_SELECTOR
+from kubernetes.client.rest import ApiException
 from test_operator_integration import (
     GROUP,
     PLURAL,
@@ -270,12 +272,27 @@ def test_the_finalizer_of_an_older_operator_version_is_removed(installed, operat
     )
 
 
-def test_a_spec_larger_than_the_annotation_limit_is_handled(installed, operator, namespace: str) -> None:
+def test_a_spec_larger_than_the_annotation_limit_is_refused_or_handled(
+    installed, operator, namespace: str
+) -> None:
     """kopf used to copy the spec into an annotation (256 KiB limit for all of them): a 300 KB
-    spec made every handling of the run fail. No copy of the spec is kept on the run now."""
-    kube, ns, run = installed, namespace, "bulky"
+    spec made every handling of the run fail. Two layers keep that from coming back: the schema
+    bounds every string, list and map (the 300 KB spec is refused, naming the field), and the
+    operator keeps no copy of the spec on the run (the largest spec the schema admits runs and
+    leaves no annotation)."""
+    kube, ns = installed, namespace
+    huge = spec(nodes=1)
+    huge["resources"]["nodeSelector"] = {f"example.com/key-{i:05d}": "v" * 60 for i in range(3500)}
+    with pytest.raises(ApiException) as refused:
+        create_run(kube, ns, "huge", huge)
+    assert refused.value.status == 422
+    assert "spec.resources.nodeSelector" in (refused.value.body or ""), refused.value.body
+
+    run = "bulky"
     body = spec(nodes=1)
-    body["resources"]["nodeSelector"] = {f"example.com/key-{i:05d}": "v" * 60 for i in range(3500)}
+    body["resources"]["nodeSelector"] = {
+        f"example.com/{'k' * 50}-{i:03d}": "v" * LABEL_VALUE_MAX for i in range(MAX_NODE_SELECTOR)
+    }
     create_run(kube, ns, run, body)
     wait_pods(kube, ns, run, 1)
     status = wait_phase(kube, ns, run, "Created")
