@@ -171,3 +171,16 @@ def test_plugin_flags_and_the_configs_plugin_are_both_imported(
         registry._REGISTRY.pop("other_plugin_arch", None)
         PLUGIN_ARCHITECTURES.discard("other_plugin_arch")
         sys.modules.pop("other_plugin_mod", None)
+
+
+# --- the operator ------------------------------------------------------------------------------
+def test_auto_resources_plan_a_plugin_architecture_by_the_dataset_alone() -> None:
+    """The operator cannot count a plugin model's parameters (its code is only in the image)."""
+    from kubearch_operator.api import parse_spec
+    from kubearch_operator.builders import plan_run
+
+    model = {"architecture": "bigram", "plugin": "my_pkg.bigram"}
+    small = plan_run(parse_spec({"model": model, "resources": {"auto": True}}))
+    assert small.shape.gpus == 1 and "plugin my_pkg.bigram" in small.shape.reason
+    big = plan_run(parse_spec({"model": model, "resources": {"auto": True, "datasetSamples": 50_000_000}}))
+    assert big.shape.gpus == 8  # the dataset's row still applies
