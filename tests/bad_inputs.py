@@ -38,6 +38,14 @@ CASES: list[Bad] = [
     # --- enums and types ---------------------------------------------------------------------
     Bad("size-huge", {"model": {"size": "huge"}}, "spec.model.size"),
     Bad("arch-unknown", {"model": {"architecture": "transformer-xl"}}, "spec.model.architecture"),
+    # well-formed but not built in, and no model.plugin to register it: CEL refuses it
+    Bad("arch-unknown-no-plugin", {"model": {"architecture": "transformer_xl"}}, "spec.model.architecture"),
+    Bad(
+        "plugin-not-a-module",
+        {"model": {"architecture": "bigram", "plugin": "my-pkg/bigram.py"}},
+        "spec.model.plugin",
+    ),
+    Bad("plugin-too-long", {"model": {"architecture": "bigram", "plugin": "p" * 201}}, "spec.model.plugin"),
     Bad("attention-unknown", {"model": {"attention": "flash"}}, "spec.model.attention"),
     Bad("clean-pod-policy", {"runPolicy": {"cleanPodPolicy": "Sometimes"}}, "spec.runPolicy.cleanPodPolicy"),
     Bad("device-tpu", {"training": {"device": "tpu"}}, "spec.training.device"),
@@ -243,6 +251,8 @@ GOOD: list[dict[str, Any]] = [
     {"runPolicy": {"schedulingPolicy": {"priorityClass": "high"}}},
     {"runPolicy": {"schedulingPolicy": {"schedulerName": "volcano", "queue": "q", "minAvailable": 2}}},
     {"model": {"architecture": "vq_vae", "codebookSize": 64, "latentDim": 8, "imageSize": 16}},
+    # a plugin's architecture: only the trainer, after importing the module, can resolve the name
+    {"model": {"architecture": "bigram", "plugin": "my_pkg.bigram"}},
 ]
 
 #: Whole dumps (every default written out, as model_dump and the search's reports do) are valid:

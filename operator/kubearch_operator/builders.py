@@ -7,7 +7,7 @@ What the pods run (one pod per node, PyTorchJob style)::
 
     torchrun --nnodes N --nproc-per-node P --node-rank i --master-addr $(MASTER_ADDR)
              --master-port $(MASTER_PORT) --max-restarts 0
-             -m kubearch_trainer --config /etc/kubearch/config.yaml
+             -m kubearch_trainer --config /etc/kubearch/config.yaml [--plugin MODULE]
 
 Environment, with torchrun's own meanings (Kubeflow's PyTorchJob sets WORLD_SIZE to the number of
 *pods* and RANK to the pod index, which contradicts what torchrun then sets in each process):
@@ -237,7 +237,10 @@ def build_service(run: str, namespace: str, uid: str, spec: TrainingRunSpec) -> 
     }
 
 
-def torchrun_args(shape: ChosenShape, index: int) -> list[str]:
+def torchrun_args(shape: ChosenShape, index: int, plugin: str | None = None) -> list[str]:
+    """torchrun's flags, then the trainer's: its config file and, for ``spec.model.plugin``,
+    ``--plugin MODULE`` (the trainer imports it before validating, so it registers the
+    architecture; the module must be importable in the image)."""
     return [
         f"--nnodes={shape.nodes}",
         f"--nproc-per-node={shape.nproc_per_node}",
@@ -249,6 +252,7 @@ def torchrun_args(shape: ChosenShape, index: int) -> list[str]:
         "kubearch_trainer",
         "--config",
         f"{CONFIG_MOUNT}/{CONFIG_KEY}",
+        *(["--plugin", plugin] if plugin else []),
     ]
 
 
@@ -360,7 +364,7 @@ def build_pod(
         "image": res.image,
         "imagePullPolicy": res.image_pull_policy,
         "command": ["torchrun"],
-        "args": torchrun_args(shape, index),
+        "args": torchrun_args(shape, index, spec.model.plugin),
         "env": env,
         "ports": ports,
         "volumeMounts": mounts,

@@ -132,6 +132,20 @@ TRAINING_RULES = [
 ]
 
 
+#: "A built-in architecture unless model.plugin names the module that registers it" (the pydantic
+#: twin is ModelConfig._known_architecture). ``architecture`` has a schema default, so it is set
+#: in every stored object; ``!has`` is for the API server's check of ``model``'s own default ({}),
+#: which it validates without applying the nested defaults.
+ARCHITECTURE_RULE = _rule(
+    "has(self.plugin) || !has(self.architecture) || self.architecture in ["
+    + ", ".join(f"'{a}'" for a in BUILTIN_ARCHITECTURES)
+    + "]",
+    f"must be one of {', '.join(BUILTIN_ARCHITECTURES)}, or set model.plugin to the Python module "
+    "that registers it",
+    ".architecture",
+)
+
+
 def _family_rules() -> list[dict[str, str]]:
     """An option of another family, chosen explicitly (written, not the default), is refused
     (config.FAMILY_OPTIONS; the pydantic twin is api.spec_cross_checks with api.chosen)."""
@@ -262,9 +276,9 @@ def spec_schema() -> dict[str, Any]:
     policy = props["runPolicy"]["properties"]["schedulingPolicy"]
     policy["x-kubernetes-validations"] = SCHEDULING_RULES
     props["training"]["x-kubernetes-validations"] = TRAINING_RULES
-    props["model"]["x-kubernetes-validations"] = _family_rules()
-    # The trainer checks plugin names at run time; the API server knows the built-in ones.
-    props["model"]["properties"]["architecture"]["enum"] = list(BUILTIN_ARCHITECTURES)
+    # The API server knows the built-in names; a plugin's (model.plugin) only the trainer can
+    # resolve, after importing the module, so the schema checks its form (pattern) and CEL the rest.
+    props["model"]["x-kubernetes-validations"] = [ARCHITECTURE_RULE, *_family_rules()]
     for name in NO_DEFAULT_MODEL_FIELDS:
         props["model"]["properties"][name].pop("default", None)
     for name in MATRIX_FIELDS | NO_DEFAULT_TRAINING_FIELDS:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kubearch_trainer.config import ModelConfig
+from kubearch_trainer.config import BUILTIN_ARCHITECTURES, ModelConfig
 from kubearch_trainer.flops import count_params
 
 #: Quick Selection Guide boundaries, in samples.
@@ -126,6 +126,13 @@ def model_parameters(model: ModelConfig) -> int:
 def model_shape(model: ModelConfig) -> tuple[Shape, str]:
     """Detailed-matrix GPU need of a model, rounded up to one of the three shapes."""
     arch = model.architecture
+    if arch not in BUILTIN_ARCHITECTURES:
+        # A plugin's architecture (model.plugin): its code lives only in the trainer image, so the
+        # operator cannot count its parameters; the model row adds nothing to the dataset's.
+        return SINGLE, (
+            f"model {arch} (plugin {model.plugin}): size unknown to the operator -> 1 GPU by the "
+            "model row; set resources.auto: false with nodes/gpusPerNode for more"
+        )
     if arch in FAMILY_GPUS:
         need = FAMILY_GPUS[arch]
         shape = shape_for_gpus(need)

@@ -179,3 +179,50 @@ def test_sigkill_restarts_the_group_which_resumes_from_the_checkpoint(
     match = re.search(r"kubearch: resumed from \S+ at step (\d+)", resumed)
     assert match and 0 < int(match.group(1)) < steps, resumed[-2000:]
     assert status["progress"]["step"] == steps
+
+
+#: The README's example plugin; on the process kubelet's PYTHONPATH it stands for a module baked
+#: into the trainer image.
+PLUGINS = Path(__file__).resolve().parents[2] / "examples" / "plugins"
+
+
+def plugin_spec(architecture: str) -> dict[str, Any]:
+    spec = tiny_spec(steps=4)
+    spec["model"] = {"plugin": "my_pkg.bigram", "architecture": architecture, "maxSeqLen": 64}
+    return spec
+
+
+@pytest.fixture
+def plugin_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pods' processes inherit the test's environment: put the plugin package on their path."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
+    )
+
+
+def test_a_plugin_architecture_trains_in_the_pods(
+    installed, operator, namespace, kubelet_for, plugin_importable
+) -> None:
+    run = "e2e-plugin"
+    kubelet = kubelet_for(run)
+    apply_run(installed, namespace, run, plugin_spec("bigram"))
+    status = wait_phase(installed, namespace, run, ("Succeeded", "Failed"))
+    assert status["phase"] == "Succeeded", f"{status}\n{logs(kubelet, run)}"
+    pod = installed.core.read_namespaced_pod(f"{run}-master-0", namespace)
+    assert pod.spec.containers[0].args[-2:] == ["--plugin", "my_pkg.bigram"]
+    master_log = (kubelet.pod_dir(f"{run}-master-0") / "trainer.log").read_text()
+    assert "kubearch: bigram (" in master_log and "device cpu x2" in master_log, master_log[-2000:]
+
+
+def test_an_architecture_the_plugin_does_not_register_fails_the_run_at_once(
+    installed, operator, namespace, kubelet_for, plugin_importable
+) -> None:
+    run = "e2e-plugin-bad"
+    kubelet = kubelet_for(run)
+    apply_run(installed, namespace, run, plugin_spec("trigram"))  # the schema lets it through
+    status = wait_phase(installed, namespace, run, ("Succeeded", "Failed"))
+    assert status["phase"] == "Failed", f"{status}\n{logs(kubelet, run)}"
+    assert status["restartCount"] == 0  # exit 64 is permanent
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "ConfigError", failed
+    assert "'trigram' is not registered by model.plugin 'my_pkg.bigram'" in failed["message"], failed

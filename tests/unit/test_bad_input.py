@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -93,10 +93,15 @@ def _aliases(model: type) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _section_model(annotation: Any) -> type:
+    """The section's pydantic class, also for an optional one (``PodTemplate | None``)."""
+    if isinstance(annotation, type):
+        return annotation
+    return next(a for a in get_args(annotation) if isinstance(a, type) and hasattr(a, "model_fields"))
+
+
 _sections = {
-    name: _section(
-        _aliases(field.annotation if isinstance(field.annotation, type) else type(field.default_factory()))
-    )
+    name: _section(_aliases(_section_model(field.annotation)))
     for name, field in [(f.alias or n, f) for n, f in TrainingRunSpec.model_fields.items()]
 }
 specs = st.fixed_dictionaries({}, optional=_sections)

@@ -79,6 +79,27 @@ def test_torchrun_command_line() -> None:
     assert {"MASTER_ADDR", "MASTER_PORT"} <= set(env(pods[1]))
 
 
+def test_a_plugin_is_passed_to_every_pods_trainer_and_kept_in_its_config() -> None:
+    spec = {"model": {"architecture": "bigram", "plugin": "my_pkg.bigram"}, "resources": {"nodes": 2}}
+    pods, plan = group(spec)
+    for pod in pods:
+        args = pod["spec"]["containers"][0]["args"]
+        assert args[args.index("kubearch_trainer") + 1 :] == [
+            "--config",
+            "/etc/kubearch/config.yaml",
+            "--plugin",
+            "my_pkg.bigram",
+        ]
+    cm = b.build_configmap("demo", NS, UID, plan)
+    model = yaml.safe_load(cm["data"]["config.yaml"])["model"]
+    assert (model["plugin"], model["architecture"]) == ("my_pkg.bigram", "bigram")
+
+
+def test_no_plugin_flag_without_a_plugin() -> None:
+    pods, _ = group({"model": {"architecture": "moe"}})
+    assert "--plugin" not in pods[0]["spec"]["containers"][0]["args"]
+
+
 def test_gpu_limits_shm_volumes_and_termination_message() -> None:
     pods, _ = group(
         {"resources": {"nodes": 1, "gpusPerNode": 4, "cpu": "8", "memory": "64Gi", "shmSize": "8Gi"}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,10 @@ def test_enums_bounds_and_defaults_reach_the_api_server() -> None:
     spec = schema()["properties"]["spec"]["properties"]
     model = spec["model"]["properties"]
     assert model["size"]["enum"] == list(MODEL_SIZES) and model["size"]["default"] == "tiny"
-    assert model["architecture"]["enum"] == list(BUILTIN_ARCHITECTURES)
+    # no enum: a plugin's name is resolved by the trainer; the schema checks the form, CEL the rest
+    assert "enum" not in model["architecture"] and model["architecture"]["maxLength"] == 63
+    assert all(re.fullmatch(model["architecture"]["pattern"], a) for a in BUILTIN_ARCHITECTURES)
+    assert model["plugin"]["maxLength"] == 200 and "plugin" not in spec["model"].get("required", [])
     policy = spec["runPolicy"]["properties"]
     assert policy["cleanPodPolicy"]["enum"] == ["None", "Running", "All"]
     assert policy["backoffLimit"] == {
@@ -248,3 +252,16 @@ def test_search_cross_field_rules_are_cel() -> None:
     assert any("size(self.rungOverrides) == size(self.rungs)" in r["rule"] for r in rules.values())
     assert algorithm["properties"]["rungs"]["x-kubernetes-list-type"] == "set"
     assert algorithm["properties"]["name"]["enum"] == ["grid", "random", "asha", "tpe"]
+
+
+def test_an_unknown_architecture_is_refused_by_cel_unless_a_plugin_names_its_module() -> None:
+    """The enum became a CEL rule on spec.model naming spec.model.architecture; the API server
+    evaluates it (tests/integration/test_bad_input_api.py runs the bad-input table against it)."""
+    model = schema()["properties"]["spec"]["properties"]["model"]
+    (rule,) = [r for r in model["x-kubernetes-validations"] if r.get("fieldPath") == ".architecture"]
+    assert rule["rule"].startswith("has(self.plugin) || !has(self.architecture) || self.architecture in [")
+    assert all(f"'{a}'" in rule["rule"] and a in rule["message"] for a in BUILTIN_ARCHITECTURES)
+    assert "model.plugin" in rule["message"]
+    # the family-option rules still read self.architecture, which keeps its schema default
+    assert model["properties"]["architecture"]["default"] == "dense"
+    assert sum("self.architecture in" in r["rule"] for r in model["x-kubernetes-validations"]) > 10

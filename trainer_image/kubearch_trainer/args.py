@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kubearch_trainer.config import ConfigError, TrainConfig, load_config
+from kubearch_trainer.config import PLUGIN_MODULE_PATTERN, ConfigError, TrainConfig, load_config
 from kubearch_trainer.exit_codes import ExitCode
 
 S = argparse.SUPPRESS
@@ -235,15 +235,18 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     return _snake_keys(raw)
 
 
-def import_plugins(modules: Sequence[str]) -> None:
-    """Import plugin modules (their ``@register`` runs); the working directory is importable."""
+def import_plugins(modules: Sequence[str], source: str = "--plugin") -> None:
+    """Import plugin modules (their ``@register`` runs); the working directory is importable.
+
+    ``source`` names where the module came from in the error (``--plugin`` or ``model.plugin``).
+    """
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            raise ConfigError(f"--plugin: cannot import {name!r} ({err})") from None
+            raise ConfigError(f"{source}: cannot import {name!r} ({err})") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
@@ -251,6 +254,14 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     args = vars(ns)
     import_plugins(args.get("plugin", []))
     data: dict[str, Any] = read_yaml_config(args["config"]) if "config" in args else {}
+    # The config's model.plugin (a TrainingRun's spec.model.plugin) is imported like --plugin, and
+    # before validation, so that the architecture check sees what it registers. A malformed name
+    # is left to the validator, which names the field and the expected form.
+    model_sec = data.get("model")
+    plugin = model_sec.get("plugin") if isinstance(model_sec, dict) else None
+    well_formed = isinstance(plugin, str) and re.fullmatch(PLUGIN_MODULE_PATTERN, plugin)
+    if well_formed and plugin not in args.get("plugin", []):
+        import_plugins([plugin], source="model.plugin")
     for dest, value in args.items():
         if "__" not in dest:
             continue
@@ -277,10 +288,20 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
 def _check_architecture_available(cfg: TrainConfig) -> None:
     """A name the config knows may still lack an implementation in this image: refuse it up front."""
     from kubearch_trainer.models import available_architectures
+    from kubearch_trainer.models.registry import plugin_architectures
 
     names = available_architectures()
-    if cfg.model.architecture not in names:
+    if cfg.model.architecture in names:
+        return
+    plugin = cfg.model.plugin
+    if plugin:
+        own = plugin_architectures(plugin)
         raise ConfigError(
-            f"model.architecture: {cfg.model.architecture!r} is not available in this trainer; "
-            f"one of {', '.join(names)}"
+            f"model.architecture: {cfg.model.architecture!r} is not registered by model.plugin "
+            f"{plugin!r} (it registers: {', '.join(own) or 'nothing'}); "
+            f"available in this trainer: {', '.join(names)}"
         )
+    raise ConfigError(
+        f"model.architecture: {cfg.model.architecture!r} is not available in this trainer; "
+        f"one of {', '.join(names)}"
+    )

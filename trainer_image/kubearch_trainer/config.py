@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 # --------------------------------------------------------------------------------------------
@@ -34,6 +42,11 @@ BUILTIN_ARCHITECTURES: tuple[str, ...] = (
 #: Names added at run time by plugins (``kubearch_trainer.models.registry.register``). The CRD
 #: only knows the built-in names; a plugin needs its own trainer image anyway.
 PLUGIN_ARCHITECTURES: set[str] = set()
+#: A well-formed architecture name (every built-in matches): what the API server can check of a
+#: plugin's name, which only the trainer (after importing the plugin) can resolve.
+ARCHITECTURE_PATTERN = r"^[a-z][a-z0-9_]*$"
+#: A dotted Python module name (``my_pkg.bigram``), importable in the trainer image.
+PLUGIN_MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 #: Options that only one group of families reads: a TrainingRun that sets one for another family
 #: is refused (the trainer ignores them; the operator and the CRD's CEL rules name the field).
@@ -130,8 +143,19 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """What to build. Sizes follow the search report; explicit dimensions override the preset."""
 
+    # ``plugin`` comes before ``architecture``: the architecture's validator reads it.
+    plugin: str | None = Field(
+        None,
+        max_length=200,
+        pattern=PLUGIN_MODULE_PATTERN,
+        description="Python module importable in the trainer image (my_pkg.bigram) that registers "
+        "the architecture; the trainer imports it first (passed as --plugin).",
+    )
     architecture: str = Field(
-        "dense", max_length=63, description="Model family; one of the built-in architectures."
+        "dense",
+        max_length=63,
+        pattern=ARCHITECTURE_PATTERN,
+        description="Model family: a built-in architecture, or one that model.plugin registers.",
     )
     size: Literal["tiny", "small", "medium", "large"] = Field(
         "tiny",
@@ -213,10 +237,18 @@ class ModelConfig(_Section):
 
     @field_validator("architecture")
     @classmethod
-    def _known_architecture(cls, value: str) -> str:
+    def _known_architecture(cls, value: str, info: ValidationInfo) -> str:
+        # With a plugin named, any well-formed name passes: the module registers it only inside
+        # the trainer, which then refuses a name it does not register (exit 64). Without one, the
+        # name must be known here (built-in, or registered by a plugin already imported).
+        if info.data.get("plugin"):
+            return value
         allowed = (*BUILTIN_ARCHITECTURES, *sorted(PLUGIN_ARCHITECTURES))
         if value not in allowed:
-            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+            raise ValueError(
+                f"{value!r} is not one of {', '.join(allowed)} (or set model.plugin to the module "
+                "that registers it)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -378,7 +410,11 @@ class FieldErrors(ValueError):
 
 
 #: Regular expressions in words, for messages (registered by the modules that use them).
-PATTERN_DESCRIPTIONS: dict[str, str] = {}
+PATTERN_DESCRIPTIONS: dict[str, str] = {
+    ARCHITECTURE_PATTERN: f"one of {', '.join(BUILTIN_ARCHITECTURES)}, or a plugin's architecture "
+    "(lowercase letters, digits and _, starting with a letter)",
+    PLUGIN_MODULE_PATTERN: "a dotted Python module name (my_pkg.bigram)",
+}
 
 #: pydantic error types whose message is clearer with the offending value (shortened) after it.
 _ECHO_INPUT = frozenset(

@@ -59,6 +59,16 @@ def available_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def plugin_architectures(module: str) -> list[str]:
+    """The names registered by classes defined in ``module`` or its submodules (for messages)."""
+    _load_builtins()
+    return sorted(
+        name
+        for name, cls in _REGISTRY.items()
+        if cls.__module__ == module or cls.__module__.startswith(module + ".")
+    )
+
+
 def build_model(cfg: ModelConfig) -> KubearchModel:
     """Instantiate the registered class for ``cfg.architecture``."""
     return get_model_class(cfg.architecture)(cfg)

@@ -1,0 +1,1 @@
+"""An example plugin package (README "Plugins"): ``my_pkg.bigram`` registers ``bigram``."""
