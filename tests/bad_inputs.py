@@ -112,6 +112,16 @@ CASES: list[Bad] = [
     Bad("gpu-type-label", _res(gpuTypeLabel="nvidia.com/gpu product"), "spec.resources.gpuTypeLabel"),
     Bad("gpu-type-label-empty", _res(gpuTypeLabel=""), "spec.resources.gpuTypeLabel"),
     Bad("node-selector-key", _res(nodeSelector={"bad key!": "x"}), "spec.resources.nodeSelector"),
+    Bad(
+        "pod-template-label-key-long",
+        {"podTemplate": {"metadata": {"labels": {"k" * 400: "v"}}}},
+        "spec.podTemplate.metadata.labels",
+    ),
+    Bad(
+        "pod-template-annotation-key-long",
+        {"podTemplate": {"metadata": {"annotations": {"k" * 400: "v"}}}},
+        "spec.podTemplate.metadata.annotations",
+    ),
     Bad("node-selector-value", _res(nodeSelector={"zone": "eu west"}), "spec.resources.nodeSelector.zone"),
     Bad("image-empty", _res(image=""), "spec.resources.image"),
     Bad("image-blank", _res(image="   "), "spec.resources.image"),
