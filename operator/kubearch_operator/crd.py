@@ -293,19 +293,57 @@ def build_crd() -> dict[str, Any]:
     )
     status = _schema(TrainingRunStatus, "serialization")
     status["description"] = "Written by the kubearch operator."
+    return _crd(
+        kind=KIND,
+        plural=PLURAL,
+        singular=SINGULAR,
+        short_names=SHORT_NAMES,
+        columns=PRINTER_COLUMNS,
+        description="One architecture at one size on one GPU shape.",
+        spec=spec,
+        status=status,
+    )
+
+
+def _crd(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: tuple[str, ...],
+    columns: list[dict[str, Any]],
+    description: str,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+    required: list[str] | None = None,
+) -> dict[str, Any]:
+    """The CustomResourceDefinition around a kind's spec and status schemas (both kinds share it)."""
+    root: dict[str, Any] = {
+        "type": "object",
+        "description": description,
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+    if required:
+        root["required"] = required
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "kubearch"}},
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/name": "kubearch"}},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": ["kubearch"],
             },
             "versions": [
@@ -314,20 +352,8 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "One architecture at one size on one GPU shape.",
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                        }
-                    },
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },
@@ -444,49 +470,17 @@ def build_search_crd() -> dict[str, Any]:
     )
     status = _schema(ArchitectureSearchStatus, "serialization")
     status["description"] = "Written by the kubearch operator (or `kubearch search` locally)."
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{SEARCH_PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/name": "kubearch"},
-        },
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": SEARCH_KIND,
-                "listKind": f"{SEARCH_KIND}List",
-                "plural": SEARCH_PLURAL,
-                "singular": SEARCH_SINGULAR,
-                "shortNames": list(SEARCH_SHORT_NAMES),
-                "categories": ["kubearch"],
-            },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": SEARCH_PRINTER_COLUMNS,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "An architecture search run as child TrainingRuns (trials).",
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                            "required": ["spec"],
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return _crd(
+        kind=SEARCH_KIND,
+        plural=SEARCH_PLURAL,
+        singular=SEARCH_SINGULAR,
+        short_names=SEARCH_SHORT_NAMES,
+        columns=SEARCH_PRINTER_COLUMNS,
+        description="An architecture search run as child TrainingRuns (trials).",
+        spec=spec,
+        status=status,
+        required=["spec"],
+    )
 
 
 #: ``python -m kubearch_operator.crd [NAME]``: which CRD to print (default: trainingrun).
