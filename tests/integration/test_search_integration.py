@@ -11,6 +11,7 @@ train: tiny CPU templates whose pods cannot be scheduled anywhere (``NEVER_SCHED
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from controlplane import REPO, wait_for
+from kubernetes.client.rest import ApiException
 from test_operator_integration import NEVER_SCHEDULE, gone, set_pod
 
 GROUP, VERSION = "kubearch.dev", "v1alpha1"
@@ -461,7 +463,17 @@ def test_a_search_at_rest_makes_no_requests(installed, operator, namespace: str)
         what="the search to record both trials as created",
     )
     # The namespace controller LISTs and DELETEs every resource of a namespace it empties: wait
-    # until earlier tests' namespaces are gone, so that the counts below are the operator's.
+    # until earlier tests' namespaces are gone, so that the counts below are the operator's. Pods
+    # bound to a node whose kubelet stand-in has stopped (KWOK, the process kubelet) would stay
+    # Terminating, and their namespaces with them: remove those pods outright first.
+    for other in kube.core.list_namespace(label_selector="kubearch.dev/test").items:
+        if other.metadata.name == ns:
+            continue
+        for pod in kube.core.list_namespaced_pod(other.metadata.name).items:
+            with contextlib.suppress(ApiException):
+                kube.core.delete_namespaced_pod(
+                    pod.metadata.name, other.metadata.name, grace_period_seconds=0
+                )
     wait_for(
         lambda: (
             [n.metadata.name for n in kube.core.list_namespace(label_selector="kubearch.dev/test").items]
