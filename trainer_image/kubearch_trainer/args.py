@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from kubearch_trainer.config import PLUGIN_MODULE_PATTERN, ConfigError, TrainConfig, load_config
+from kubearch_trainer.config import (
+    PLUGIN_MODULE_PATTERN,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    load_yaml_mapping,
+)
 from kubearch_trainer.exit_codes import ExitCode
 
 S = argparse.SUPPRESS
@@ -219,17 +225,7 @@ def _snake_keys(obj: Any) -> Any:
 
 def read_yaml_config(path: str | Path) -> dict[str, Any]:
     """The nested config of a YAML file (a TrainingRun manifest contributes its ``spec``)."""
-    import yaml
-
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"--config: {str(p)!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config: {str(p)!r} is not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {str(p)!r} must hold a mapping with model/data/training sections")
+    raw = load_yaml_mapping(path, "--config", "a mapping with model/data/training sections")
     if "spec" in raw and isinstance(raw["spec"], dict):  # a TrainingRun manifest
         raw = {k: v for k, v in raw["spec"].items() if k in ("model", "data", "training")}
     return _snake_keys(raw)

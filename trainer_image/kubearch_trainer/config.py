@@ -11,6 +11,7 @@ allowed values (see :func:`format_validation_error`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -481,3 +482,24 @@ def load_config(data: dict[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def load_yaml_mapping(path: str | Path, flag: str, expected: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML file named by ``flag`` (``--config``, ``-f``).
+
+    One reader for the trainer's ``--config`` and ``kubearch search -f``: a missing file, bad YAML
+    or a file that is not a mapping (it must hold ``expected``) is a :class:`ConfigError` naming
+    the flag and the path.
+    """
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{flag}: {str(p)!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag}: {str(p)!r} is not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{flag}: {str(p)!r} must hold {expected}")
+    return raw

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubearch_trainer.config import ConfigError
+from kubearch_trainer.config import ConfigError, load_yaml_mapping
 from kubearch_trainer.exit_codes import ExitCode
 
 from ..api import TrainingRunSpec
@@ -170,17 +170,8 @@ def _reason(code: int) -> str:
 
 def load_manifest(path: str | Path) -> tuple[str, dict[str, Any]]:
     """(name, spec) of an ArchitectureSearch manifest file (a bare spec works too)."""
-    import yaml
-
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"-f: {str(p)!r} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"-f: {str(p)!r} is not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"-f: {str(p)!r} must hold an ArchitectureSearch manifest")
+    raw = load_yaml_mapping(p, "-f", "an ArchitectureSearch manifest")
     if "kind" in raw and raw["kind"] != KIND:
         raise ConfigError(f"kind: {raw['kind']!r} is not {KIND}")
     name = (raw.get("metadata") or {}).get("name") or p.stem.replace("_", "-").lower()
