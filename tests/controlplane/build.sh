@@ -42,17 +42,9 @@ fi
 source "$HERE/go-env.sh"
 
 # --- build ------------------------------------------------------------------------------------
-export CGO_ENABLED=0
-export GOFLAGS="-mod=mod -trimpath -buildvcs=false"
-# sum.golang.org is not reachable from every CI machine; go.sum (checked in) pins the hashes.
-export GOSUMDB="${GOSUMDB_OVERRIDE:-off}"
-export GONOSUMDB="${GONOSUMDB:-}"
 # k8s's version package is normally stamped by its Makefile; do the same so --version is honest.
-VPKG=k8s.io/component-base/version
-LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1"
-LDFLAGS+=" -X $VPKG.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $VPKG.gitTreeState=clean"
-LDFLAGS+=" -X $VPKG.buildDate=1970-01-01T00:00:00Z"
-LDFLAGS+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+# shellcheck source=k8s-build-env.sh
+source "$HERE/k8s-build-env.sh"   # CGO/GOFLAGS/GOSUMDB and LDFLAGS, shared with build-node.sh
 
 mkdir -p "${DEST%/*}"
 STAGE="$(mktemp -d "${DEST%/*}/stage.XXXXXX")"

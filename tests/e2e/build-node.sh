@@ -26,14 +26,8 @@ fi
 source "$HERE/go-env.sh"   # the Go toolchain (GO_BIN, GOTOOLCHAIN), shared with build.sh and Helm
 # The same build environment and version ldflags as tests/controlplane/build.sh, so the Go build
 # cache of the control-plane build is reused and the node reports v1.34.x, not v0.0.0-master.
-export CGO_ENABLED=0
-export GOFLAGS="-mod=mod -trimpath -buildvcs=false"
-export GOSUMDB="${GOSUMDB_OVERRIDE:-off}"
-VPKG=k8s.io/component-base/version
-LDFLAGS="-s -w -X $VPKG.gitVersion=$K8S_VERSION -X $VPKG.gitMajor=1"
-LDFLAGS+=" -X $VPKG.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X $VPKG.gitTreeState=clean"
-LDFLAGS+=" -X $VPKG.buildDate=1970-01-01T00:00:00Z"
-LDFLAGS+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+# shellcheck source=../controlplane/k8s-build-env.sh
+source "$HERE/k8s-build-env.sh"
 mkdir -p "${DEST%/*}"
 STAGE="$(mktemp -d "${DEST%/*}/stage.XXXXXX")"
 trap 'rm -rf "$STAGE"' EXIT
