@@ -162,6 +162,9 @@ class _QuietEventHandlers(logging.Filter):
 
 
 logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
+# urllib3 logs a WARNING for every retry of every request while the API server is away; the
+# operator logs the outage itself once (workqueue.Outage), so those per-request lines are noise.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @kopf.on.startup()
