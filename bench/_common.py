@@ -96,6 +96,20 @@ def stamp(device: torch.device, label: str | None) -> dict[str, Any]:
     }
 
 
+def fresh_compile_state() -> None:
+    """Forget every graph ``torch.compile`` made for an earlier configuration of this process.
+
+    Why: dynamo keys its cache on the code object, not the module instance, so a second model of
+    the same class with other sizes recompiles — and after one such recompile "automatic dynamic
+    shapes" marks the sizes dynamic, compiling slower shape-generic kernels for every later
+    configuration (and the cache limit of 8 can fall back to eager). Each measured configuration
+    must get the static-shape graph a one-configuration training run gets.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -36,6 +36,8 @@ ISSUE_SHAPES = (
     (2048, 16, 8, 2048, 80e3, 0.55),
 )
 VOCAB = 50304
+#: ``--quick``'s CPU shape (no targets).
+QUICK_SHAPE = (32, 2, 2, 32, None, None)
 
 COLUMNS = (
     ("size", "Shape"),
@@ -98,6 +100,7 @@ class GPT(nn.Module):
 def run_shape(
     d: int, n_layers: int, batch: int, seq: int, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Any]:
+    _common.fresh_compile_state()
     torch.manual_seed(0)
     model = GPT(d, n_layers, vocab=args.vocab_size, max_len=max(seq, 8)).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -171,7 +174,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[tuple[Any, ...]]]:
+    """The flags and the shapes they select (``trainer_vs_baseline.py`` reuses both)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--device-label", default=None)
@@ -190,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.device = "cpu" if args.device == "auto" else args.device
         args.steps, args.warmup, args.eager, args.vocab_size = min(args.steps, 3), 1, True, 256
-        shapes = [(32, 2, 2, 32, None, None)]
-    else:
-        idx = range(len(ISSUE_SHAPES)) if args.shapes == "all" else [int(i) for i in args.shapes.split(",")]
-        shapes = [ISSUE_SHAPES[i] for i in idx]
+        return args, [QUICK_SHAPE]
+    idx = range(len(ISSUE_SHAPES)) if args.shapes == "all" else [int(i) for i in args.shapes.split(",")]
+    return args, [ISSUE_SHAPES[i] for i in idx]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, shapes = parse_args(argv)
     device = _common.pick_device(args.device)
     stamp = _common.stamp(device, args.device_label)
     rows = []

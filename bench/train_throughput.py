@@ -168,6 +168,7 @@ def _measure(conf: dict[str, Any], args: argparse.Namespace, device: torch.devic
             "mfu": None,
             "peak_memory_bytes": None,
         }
+    _common.fresh_compile_state()
     cfg = load_config(
         {
             "model": {
