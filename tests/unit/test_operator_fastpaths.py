@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import kopf
 import kubernetes
@@ -30,9 +30,9 @@ class _Recorder(BaseHTTPRequestHandler):
     """Answers POSTs with the status the test queued; records path, headers and JSON body."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as the API server: connections can be reused
-    answers: list[tuple[int, dict[str, Any]]] = []
-    seen: list[tuple[str, dict[str, str], Any]] = []
-    clients: list[tuple[str, int]] = []
+    answers: ClassVar[list[tuple[int, dict[str, Any]]]] = []
+    seen: ClassVar[list[tuple[str, dict[str, str], Any]]] = []
+    clients: ClassVar[list[tuple[str, int]]] = []
 
     def do_POST(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -159,3 +159,23 @@ def test_phase_gauge_moves_by_the_change_and_matches_a_recount(monkeypatch) -> N
     assert handlers._state.phases == {("a", "r1"): "Running", ("a", "r3"): "Failed"}
     for phase in ("Created", "Running", "Failed"):
         assert handlers.RUNS.labels(phase=phase)._value.get() == recount[phase]
+
+
+def test_the_echo_of_our_own_status_write_queues_no_pass(monkeypatch) -> None:
+    """The run as our PATCH returned it is cached; its watch event (same resourceVersion) is not
+    news. A newer version, or a new run of the same name, is."""
+    monkeypatch.setattr(handlers, "_state", handlers._State())
+    key = ("a", "r")
+
+    def run(uid: str, rv: str, phase: str) -> dict[str, Any]:
+        meta = {"name": "r", "namespace": "a", "uid": uid, "resourceVersion": rv, "managedFields": [{}]}
+        return {"metadata": meta, "status": {"phase": phase}}
+
+    assert handlers._store_run(key, run("u1", "10", "Created")) is True  # first sight
+    assert handlers._store_run(key, run("u1", "12", "Running")) is True  # e.g. our PATCH's answer
+    assert handlers._store_run(key, run("u1", "12", "Running")) is False  # its watch echo
+    assert handlers._store_run(key, run("u1", "11", "Created")) is False  # a late, older event
+    assert handlers._state.runs[key]["status"]["phase"] == "Running"
+    assert "managedFields" not in handlers._state.runs[key]["metadata"]
+    assert handlers._store_run(key, run("u1", "13", "Running")) is True  # someone else's change
+    assert handlers._store_run(key, run("u2", "5", "")) is True  # replaced by a new run
