@@ -37,7 +37,7 @@ def test_rungs_overrides_and_budget_errors_name_their_field() -> None:
         "spec.algorithm.rungs[1]: 20 must be larger than rungs[0] (50)"
     )
     msg = _error({"searchSpace": [SIZE], "algorithm": {"name": "asha"}})
-    assert msg.startswith("spec.algorithm: asha needs at least two rungs")
+    assert msg.startswith("spec.algorithm.rungs: asha needs at least two rungs")
     msg = _error(
         {
             "searchSpace": [SIZE],

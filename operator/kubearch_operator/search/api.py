@@ -218,7 +218,10 @@ class SearchParameter(_Api):
         description="Field of the trial spec, e.g. model.size, model.attention, training.learningRate.",
     )
     values: list[Any] | None = Field(
-        None, max_length=MAX_VALUES, description="The values to try (strings, numbers or booleans)."
+        None,
+        min_length=1,
+        max_length=MAX_VALUES,
+        description="The values to try (strings, numbers or booleans).",
     )
     min: float | None = Field(
         None,
@@ -344,8 +347,8 @@ class Objective(_Api):
         if self.goal is None:
             implied = KNOWN_GOALS.get(self.metric)
             if implied is None:
-                raise ValueError(
-                    f"goal: {self.metric!r} has no implied direction; set goal to minimize or maximize"
+                raise FieldErrors(
+                    [("goal", f"{self.metric!r} has no implied direction; set goal to minimize or maximize")]
                 )
             self.goal = implied  # type: ignore[assignment]
         bounds = GOAL_VALUE_RANGES.get(self.metric)
@@ -411,11 +414,16 @@ class Algorithm(_Api):
     @model_validator(mode="after")
     def _overrides_match(self) -> Algorithm:
         if self.rung_overrides and len(self.rung_overrides) != len(self.rungs):
-            raise ValueError(
-                f"rungOverrides has {len(self.rung_overrides)} entries but rungs has {len(self.rungs)}"
+            raise FieldErrors(
+                [
+                    (
+                        "rungOverrides",
+                        f"{len(self.rung_overrides)} entries but rungs has {len(self.rungs)}: one per rung",
+                    )
+                ]
             )
         if self.name == "asha" and len(self.rungs) < 2:
-            raise ValueError("asha needs at least two rungs (training steps), e.g. rungs: [50, 200]")
+            raise FieldErrors([("rungs", "asha needs at least two rungs (training steps), e.g. [50, 200]")])
         stopping = self.early_stopping
         if stopping is not None:
             if self.name == "asha":
