@@ -194,7 +194,7 @@ CASES: list[BadSearch] = [
     # --- planning --------------------------------------------------------------------------------
     BadSearch("gpu-memory-words", {"planning": {"gpuMemory": "24 gigs"}}, "spec.planning.gpuMemory"),
     BadSearch("gpu-memory-mb", {"planning": {"gpuMemory": "1" * 1_000_000}}, "spec.planning.gpuMemory"),
-    BadSearch("gpu-memory-33", {"planning": {"gpuMemory": "1" * 30 + "Gi"}}, "spec.planning.gpuMemory"),
+    BadSearch("gpu-memory-33", {"planning": {"gpuMemory": "1" * 31 + "Gi"}}, "spec.planning.gpuMemory"),
     BadSearch("safety-margin-0.95", {"planning": {"safetyMargin": 0.95}}, "spec.planning.safetyMargin"),
     BadSearch("safety-margin-negative", {"planning": {"safetyMargin": -0.1}}, "spec.planning.safetyMargin"),
     # --- the trial template is a TrainingRun spec (its whole table: tests/bad_inputs.py) --------
