@@ -29,12 +29,13 @@ class ModelOutput:
     ``.item()`` every step would synchronise the GPU.
 
     ``logits`` is the model's output before the loss ([B, T, V] for language models, [B, classes]
-    for classifiers, image logits for VAEs). It is ``None`` in training mode whenever a loss is
-    computed (targets, labels or images given): anything the output holds stays allocated until the
-    train loop drops it after backward, and for an LM that is B·T·V values, often the largest
-    tensor of the step. Likewise ``accuracy`` (an argmax over those logits) is computed only
-    outside training mode: the accuracy the loop exports is the validation one. In eval mode,
-    and for inference without targets, ``logits`` is set.
+    for classifiers, image logits for VAEs). Every built-in family (and a plugin should too) leaves
+    it ``None`` in training mode whenever a loss is computed (targets, labels or images given):
+    anything the output holds stays allocated until the train loop drops it after backward, and
+    for an LM that is B·T·V values, often the largest tensor of the step. Likewise ``accuracy``
+    (an argmax over those logits) is computed only outside training mode: the accuracy the loop
+    exports is the validation one. In eval mode, and for inference without targets, ``logits``
+    is set.
     """
 
     loss: torch.Tensor
