@@ -327,18 +327,21 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# The index functions are ``async`` though they never await: kopf runs a sync handler in its
+# thread executor (a thread hop and a shielded task per watch event); an async one is awaited
+# in the event loop directly. They only slim a body.
 @kopf.index("v1", "pods", labels=CHILD_LABELS)
-def kubearch_pods(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+async def kubearch_pods(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
     return {(namespace, labels[builders.RUN_LABEL]): slim_pod(body)}
 
 
 @kopf.index("v1", "services", labels=CHILD_LABELS)
-def kubearch_services(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+async def kubearch_services(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
     return {(namespace, labels[builders.RUN_LABEL]): slim_child(body)}
 
 
 @kopf.index("v1", "configmaps", labels=CHILD_LABELS)
-def kubearch_configmaps(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
+async def kubearch_configmaps(namespace: str, labels: dict[str, str], body: Any, **_: Any) -> dict:
     return {(namespace, labels[builders.RUN_LABEL]): slim_child(body)}
 
 

@@ -141,13 +141,14 @@ def configure_search_clients(**_: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 # indexes (filled from kopf's watch streams; a pass reads only these)
 # ------------------------------------------------------------------------------------------------
+# async: awaited in the event loop, no thread hop per watch event (see handlers.kubearch_pods)
 @kopf.index(GROUP, VERSION, SEARCH_PLURAL)
-def search_index(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def search_index(name: str, namespace: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): sb.search_snapshot(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, RUN_PLURAL, labels={engine.SEARCH_LABEL: kopf.PRESENT})
-def trial_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def trial_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, labels[engine.SEARCH_LABEL]): sb.trial_snapshot(dict(body))}
 
 
