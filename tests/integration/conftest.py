@@ -158,13 +158,15 @@ class Operator:
             "operator",
         )
 
-    def start(self) -> Operator:
+    def start(self, **extra_env: str) -> Operator:
+        """Start the process; ``extra_env`` adds or overrides variables for this start only."""
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "KUBEARCH_RESYNC_SECONDS": "0",  # no safety resync: every reaction must come from an event
             "KUBEARCH_PEERING_LIFETIME": "5",  # after a crash, the dead peer blocks for this long
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            **extra_env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's lifetime
         self.proc = subprocess.Popen(
