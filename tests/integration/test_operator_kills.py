@@ -3,7 +3,7 @@
 * 20 SIGKILLs at seeded random moments while 100 runs are created concurrently: every run ends
   with exactly its pods, Service and ConfigMap, owned by it, each created once, nothing else in
   the namespace, and a right status.
-* 12 SIGKILLs, one at each stage of a group restart (a pod exits 137, the operator deletes the
+* 13 SIGKILLs, one at each stage of a group restart (a pod exits 137, the operator deletes the
   group and creates the next attempt): the operator kills itself at a named point
   (``KUBEARCH_CRASH_AT``, :mod:`kubearch_operator.crashpoint`), since most stages last too short a
   time for a kill timed from outside. Each time ``restartCount`` ends at exactly 1, exactly one new
@@ -204,7 +204,7 @@ def test_twenty_sigkills_while_a_hundred_runs_are_created_leave_no_duplicate_or_
 
 
 # ------------------------------------------------------------------------------------------------
-# 12 kills, one at each stage of a group restart
+# 13 kills, one at each stage of a group restart
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
@@ -217,6 +217,7 @@ class Stage:
     old: int
     new: int
     new_running: bool = False  # the kill comes after the new group ran (the test runs it first)
+    run_meanwhile: bool = False  # the kubelet starts the new pods while the operator is dead
     also: Callable[[Any, str, str], bool] | None = None
 
 
@@ -247,6 +248,9 @@ STAGES = [
     Stage("event-posted#1", 1, 0, 0, also=_event("Restarting")),  # the restart pass complete
     Stage("configmap-patched#1", 1, 0, 0, also=_configmap_resumes),  # config says resume; no pod
     Stage("pod-created#1", 1, 0, 1),  # one pod of the new group
+    # ... and it starts running before the next operator comes: the missing pod was never
+    # created, not lost (this one restarted the group again, or failed the run, before the fix)
+    Stage("pod-created#1", 1, 0, 1, run_meanwhile=True),
     Stage("pod-created#2", 1, 0, 2),  # the new group created, not yet seen by the watch
     Stage("event-posted#2", 1, 0, 2, also=_event("RestartFromScratch")),  # that pass complete
     Stage("status-written#2", 1, 0, 2, also=_status_has_new_group),  # status counts the new group
@@ -283,7 +287,7 @@ def test_a_sigkill_at_every_stage_of_a_group_restart_restarts_the_group_exactly_
         (steady, or restarted already and merely recovering)."""
         return {"KUBEARCH_CRASH_AT": f"{STAGES[i].crash_at}@{ns}/{runs[i]}"} if i < len(runs) else {}
 
-    operator.stop()  # graceful: the kills below are the twelve crash points, no other
+    operator.stop()  # graceful: the kills below are the crash points, no other
     operator.start(**armed(0), **FAST)
     for i, (run, stage) in enumerate(zip(runs, STAGES, strict=True)):
         set_pod(kube, ns, f"{run}-worker-1", "Failed", 137)  # SIGKILL'd: retryable
@@ -301,9 +305,12 @@ def test_a_sigkill_at_every_stage_of_a_group_restart_restarts_the_group_exactly_
         counts = (len(_attempt_pods(kube, ns, run, 0)), len(_attempt_pods(kube, ns, run, 1)))
         assert (stored, *counts) == (stage.restart_count, stage.old, stage.new), stage
         assert stage.also is None or stage.also(kube, ns, run), stage
+        if stage.run_meanwhile:
+            for pod in _attempt_pods(kube, ns, run, 1):
+                set_pod(kube, ns, pod.metadata.name, "Running")
         operator.start(**armed(i + 1), **FAST)  # recovers this run; armed for the next one
         if not stage.new_running:
-            _run_group(kube, ns, run, 1)
+            _run_group(kube, ns, run, 1)  # (a pod already running is set Running again: no change)
         wait_phase(kube, ns, run, "Running", timeout=30)
     seen.stop()
 
