@@ -258,6 +258,23 @@ STAGES = [
 ]
 
 
+def _passes(operator: Any) -> float:
+    """Reconcile passes of the operator process now running (its own metrics endpoint)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in operator.metrics().splitlines()
+        if line.startswith("kubearch_operator_reconcile_total{")
+    )
+
+
+def _start_watching(operator: Any, **env: str) -> None:
+    """Start the operator and wait for its first pass: kopf runs none before its pod index is
+    filled, so the pod watch is live and the test's next pod change arrives as a watch event
+    (``child-event``), not folded into the initial listing."""
+    operator.start(**env, **FAST)
+    wait_for(lambda: _passes(operator) > 0, timeout=30, what="the operator's first reconcile pass")
+
+
 def _attempt_pods(kube: Any, ns: str, run: str, attempt: int) -> list[Any]:
     return [p for p in pods(kube, ns, run) if p.metadata.labels["kubearch.dev/attempt"] == str(attempt)]
 
@@ -288,7 +305,7 @@ def test_a_sigkill_at_every_stage_of_a_group_restart_restarts_the_group_exactly_
         return {"KUBEARCH_CRASH_AT": f"{STAGES[i].crash_at}@{ns}/{runs[i]}"} if i < len(runs) else {}
 
     operator.stop()  # graceful: the kills below are the crash points, no other
-    operator.start(**armed(0), **FAST)
+    _start_watching(operator, **armed(0))
     for i, (run, stage) in enumerate(zip(runs, STAGES, strict=True)):
         set_pod(kube, ns, f"{run}-worker-1", "Failed", 137)  # SIGKILL'd: retryable
         if stage.new_running:
@@ -308,7 +325,7 @@ def test_a_sigkill_at_every_stage_of_a_group_restart_restarts_the_group_exactly_
         if stage.run_meanwhile:
             for pod in _attempt_pods(kube, ns, run, 1):
                 set_pod(kube, ns, pod.metadata.name, "Running")
-        operator.start(**armed(i + 1), **FAST)  # recovers this run; armed for the next one
+        _start_watching(operator, **armed(i + 1))  # recovers this run; armed for the next one
         if not stage.new_running:
             _run_group(kube, ns, run, 1)  # (a pod already running is set Running again: no change)
         wait_phase(kube, ns, run, "Running", timeout=30)
