@@ -171,11 +171,20 @@ def test_twenty_sigkills_while_a_hundred_runs_are_created_leave_no_duplicate_or_
         return True
 
     wait_for(settled, timeout=90, interval=0.5, what="every run Created, its pods all there and counted")
+    want_pods = {p: n for n in names for p in expected_pods(n, nodes[n])}
+    wait_for(  # the recording has caught up with the end state, so "created once" below means it
+        lambda: (
+            set(seen.created("Pod")) >= set(want_pods)
+            and set(seen.created("Service")) >= set(names)
+            and set(seen.created("ConfigMap")) >= {f"{n}-config" for n in names}
+        ),
+        timeout=30,
+        what="the watches to show every final object",
+    )
     seen.stop()
 
     # Exactly the expected objects, each owned by its run (a pod of another run, a Service left
     # from nowhere, a second ConfigMap: all would show here).
-    want_pods = {p: n for n in names for p in expected_pods(n, nodes[n])}
     live_pods = kube.core.list_namespaced_pod(ns).items
     assert sorted(p.metadata.name for p in live_pods) == sorted(want_pods)
     for pod in live_pods:
