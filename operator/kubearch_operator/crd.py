@@ -25,8 +25,17 @@ from kubearch_trainer.config import BUILTIN_ARCHITECTURES, FAMILY_OPTIONS, Model
 from pydantic.alias_generators import to_camel
 
 from .api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, TrainingRunSpec, TrainingRunStatus
+from .search.api import (
+    GOAL_VALUE_RANGES,
+    KNOWN_GOALS,
+    MAX_CONFIG_RUNGS,
+    MAX_VALUES,
+    NUMBER_LIMIT,
+    ArchitectureSearchSpec,
+    ArchitectureSearchStatus,
+    Budget,
+)
 from .search.api import KIND as SEARCH_KIND
-from .search.api import KNOWN_GOALS, ArchitectureSearchSpec, ArchitectureSearchStatus
 from .search.api import PLURAL as SEARCH_PLURAL
 from .search.api import SHORT_NAMES as SEARCH_SHORT_NAMES
 from .search.api import SINGULAR as SEARCH_SINGULAR
@@ -384,54 +393,125 @@ SEARCH_PRINTER_COLUMNS = [
 ]
 
 #: Cross-field rules of a search parameter (mirrors ``SearchParameter._values_or_range``).
+_RANGE = "has(self.min) && has(self.max)"
 SEARCH_PARAMETER_RULES = [
-    {"rule": "has(self.min) == has(self.max)", "message": "a range needs both min and max"},
-    {"rule": "!has(self.min) || !has(self.max) || self.min < self.max", "message": "min must be below max"},
-    {
-        "rule": "!has(self.log) || !self.log || !has(self.min) || self.min > 0.0",
-        "message": "log: true needs min > 0",
-    },
-    {
-        "rule": "!has(self.log) || !self.log || !has(self.step)",
-        "message": "log and step exclude each other",
-    },
-    {
-        "rule": "has(self.min) || (!has(self.step) && !has(self.type) && (!has(self.log) || !self.log))",
-        "message": "log, step and type apply to ranges (min/max), not to values",
-    },
+    _rule("has(self.min) == has(self.max)", "a range needs both min and max"),
+    _rule(f"!({_RANGE}) || self.min < self.max", "must be above min", ".max"),
+    _rule(
+        "!has(self.log) || !self.log || !has(self.min) || self.min > 0.0", "log: true needs min > 0", ".min"
+    ),
+    _rule("!has(self.log) || !self.log || !has(self.step)", "log and step exclude each other", ".step"),
+    _rule(
+        "has(self.min) || (!has(self.step) && !has(self.type) && (!has(self.log) || !self.log))",
+        "log, step and type apply to ranges (min/max), not to values",
+    ),
+    _rule(
+        f"!has(self.step) || !({_RANGE}) || self.max <= self.min || self.step <= self.max - self.min",
+        "must not be larger than the range (max - min)",
+        ".step",
+    ),
+    _rule(
+        f"!has(self.step) || !({_RANGE}) || self.max <= self.min || (self.max - self.min) / self.step "
+        f"< {float(MAX_VALUES)}",
+        f"makes more than {MAX_VALUES} values of [min, max]; use a larger step",
+        ".step",
+    ),
+    _rule(
+        f"!has(self.type) || self.type != 'int' || !({_RANGE}) || (double(int(self.min)) == self.min "
+        "&& double(int(self.max)) == self.max && (!has(self.step) || double(int(self.step)) == self.step))",
+        "int needs whole numbers for min, max and step",
+        ".type",
+    ),
 ]
 #: A parameter lists ``values`` or gives ``min`` and ``max``, never both (checked with the rules above).
 SEARCH_PARAMETER_ONE_OF = [{"required": ["values"]}, {"required": ["min", "max"]}]
 #: Cross-field rules of ``spec.algorithm`` (mirrors ``Algorithm``'s validators).
 SEARCH_ALGORITHM_RULES = [
-    {
-        "rule": "!has(self.rungOverrides) || size(self.rungOverrides) == 0 || "
+    _rule(
+        "!has(self.rungOverrides) || size(self.rungOverrides) == 0 || "
         "(has(self.rungs) && size(self.rungOverrides) == size(self.rungs))",
-        "message": "rungOverrides needs one entry per rung (as many entries as rungs)",
-        "fieldPath": ".rungOverrides",
-    },
-    {
-        "rule": "!has(self.name) || self.name != 'asha' || (has(self.rungs) && size(self.rungs) >= 2)",
-        "message": "asha needs at least two rungs (training steps), e.g. rungs: [50, 200]",
-        "fieldPath": ".rungs",
-    },
-    {
-        "rule": "!has(self.rungs) || self.rungs.isSorted()",
-        "message": "rungs must be increasing training steps, e.g. [50, 200]",
-        "fieldPath": ".rungs",
-    },
+        "rungOverrides needs one entry per rung (as many entries as rungs)",
+        ".rungOverrides",
+    ),
+    _rule(
+        "!has(self.name) || self.name != 'asha' || (has(self.rungs) && size(self.rungs) >= 2)",
+        "asha needs at least two rungs (training steps), e.g. rungs: [50, 200]",
+        ".rungs",
+    ),
+    _rule(
+        "!has(self.rungs) || self.rungs.isSorted()",
+        "rungs must be increasing training steps, e.g. [50, 200]",
+        ".rungs",
+    ),
+    _rule(
+        "!has(self.earlyStopping) || !has(self.name) || self.name != 'asha'",
+        "applies to grid, random and tpe; asha stops by not promoting",
+        ".earlyStopping",
+    ),
+    _rule(
+        "!has(self.earlyStopping) || (has(self.rungs) && (has(self.earlyStopping.startRung) ? "
+        "self.earlyStopping.startRung : 0) <= size(self.rungs) - 2)",
+        "median stop acts after a rung that has a next one: startRung must be at most "
+        "size(rungs) - 2 (so earlyStopping needs at least two rungs)",
+        ".earlyStopping.startRung",
+    ),
 ]
+SEARCH_BUDGET_RULES = [
+    _rule(
+        "!has(self.maxTrials) || !has(self.parallelTrials) || self.parallelTrials <= self.maxTrials",
+        "exceeds maxTrials: at most maxTrials trials can ever run at once",
+        ".parallelTrials",
+    ),
+]
+
+
+def _search_spec_rules() -> list[dict[str, str]]:
+    """Rules across sections of a search spec (twins in ``ArchitectureSearchSpec._fits_in_one_object``).
+
+    The status keeps a record per trial, so (maxTrials + maxFailedTrials) x rungs is bounded (the
+    CEL form of the record budget; the operator also checks the parameters' own sizes). Where the
+    CEL rule cannot know a default (a grid's size), it assumes the smallest, so it never refuses
+    what the operator accepts.
+    """
+    budget = "has(self.budget) && has(self.budget.{0}) ? self.budget.{0} : {1}"
+    grid = "has(self.algorithm) && has(self.algorithm.name) && self.algorithm.name == 'grid'"
+    trials = budget.format("maxTrials", f"({grid} ? 1 : 16)")
+    failed = budget.format("maxFailedTrials", Budget.model_fields["max_failed_trials"].default)
+    rungs = (
+        "has(self.algorithm) && has(self.algorithm.rungs) && size(self.algorithm.rungs) > 0 "
+        "? size(self.algorithm.rungs) : 1"
+    )
+    return [
+        _rule(
+            f"((({trials}) + ({failed})) * ({rungs})) <= {MAX_CONFIG_RUNGS}",
+            f"(maxTrials + maxFailedTrials) x rungs must be at most {MAX_CONFIG_RUNGS}: the status keeps "
+            "a record of every trial (two with an OOM retry) and must fit in one object (etcd's 1.5 MiB)",
+            ".budget.maxTrials",
+        )
+    ]
 
 
 def _objective_rules() -> list[dict[str, str]]:
     known = ", ".join(f"'{m}'" for m in KNOWN_GOALS)
-    return [
-        {
-            "rule": f"has(self.goal) || !has(self.metric) || self.metric in [{known}]",
-            "message": "goal: this metric has no implied direction; set goal to minimize or maximize",
-            "fieldPath": ".goal",
-        }
+    rules = [
+        _rule(
+            f"has(self.goal) || !has(self.metric) || self.metric in [{known}]",
+            "goal: this metric has no implied direction; set goal to minimize or maximize",
+            ".goal",
+        )
     ]
+    for metric, (lo, hi) in GOAL_VALUE_RANGES.items():
+        bounded = hi < NUMBER_LIMIT
+        allowed = f"between {lo:g} and {hi:g}" if bounded else f">= {lo:g}"
+        check = f"self.goalValue >= {float(lo)}" + (f" && self.goalValue <= {float(hi)}" if bounded else "")
+        rules.append(
+            _rule(
+                f"!has(self.goalValue) || !has(self.metric) || self.metric != '{metric}' || ({check})",
+                f"is never reached: {metric} is {allowed}",
+                ".goalValue",
+            )
+        )
+    return rules
 
 
 def search_spec_schema() -> dict[str, Any]:
@@ -454,10 +534,10 @@ def search_spec_schema() -> dict[str, Any]:
     algorithm = props["algorithm"]
     algorithm["x-kubernetes-validations"] = SEARCH_ALGORITHM_RULES
     # Rungs are distinct training steps (with isSorted() above: strictly increasing).
-    rungs = algorithm["properties"]["rungs"]
-    rungs["x-kubernetes-list-type"] = "set"
-    rungs["items"]["minimum"] = 1
+    algorithm["properties"]["rungs"]["x-kubernetes-list-type"] = "set"
     props["objective"]["x-kubernetes-validations"] = _objective_rules()
+    props["budget"]["x-kubernetes-validations"] = SEARCH_BUDGET_RULES
+    schema["x-kubernetes-validations"] = _search_spec_rules()
     return schema
 
 

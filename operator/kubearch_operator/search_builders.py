@@ -32,8 +32,14 @@ from .api import MAX_RUN_NAME_LENGTH, Condition
 from .builders import APP, APP_LABEL
 from .search.api import API_VERSION as SEARCH_API_VERSION
 from .search.api import KIND as SEARCH_KIND
-from .search.api import ArchitectureSearchStatus, parse_search_status
-from .search.engine import SEARCH_LABEL, TrialObservation, TrialToCreate, trial_metrics
+from .search.api import MAX_CONDITION_MESSAGE, ArchitectureSearchStatus, clip, parse_search_status
+from .search.engine import (
+    MAX_CREATE_ATTEMPTS,
+    SEARCH_LABEL,
+    TrialObservation,
+    TrialToCreate,
+    trial_metrics,
+)
 from .status import parse_time, rfc3339
 
 #: Trials are named ``<search>-<index>``; five digits of index (maxTrials 1000 x 16 rungs, plus
@@ -233,6 +239,37 @@ def spec_accepted(status: ArchitectureSearchStatus, now: datetime) -> Architectu
     return status
 
 
+def create_failed(
+    status: ArchitectureSearchStatus, trial: str, error: str, now: datetime
+) -> ArchitectureSearchStatus:
+    """A trial whose TrainingRun could not be created (not a refusal): count the attempt on its record
+    and say so in the ``TrialsCreated`` condition; the engine fails the trial after
+    ``engine.MAX_CREATE_ATTEMPTS`` (see there), the operator retries with back-off until then."""
+    st = status.model_copy(deep=True)
+    rec = next((t for t in st.trials if t.name == trial), None)
+    if rec is None:  # pragma: no cover - the engine records every trial it asks to create
+        return st
+    rec.create_failures += 1
+    rec.message = f"creating the TrainingRun failed ({rec.create_failures}/{MAX_CREATE_ATTEMPTS}): {error}"
+    set_condition(
+        st,
+        "TrialsCreated",
+        "False",
+        "CreateFailed",
+        clip(f"trial {trial}: {rec.message}", MAX_CONDITION_MESSAGE),
+        now,
+    )
+    return st
+
+
+def trials_created(status: ArchitectureSearchStatus, now: datetime) -> ArchitectureSearchStatus:
+    """Every planned trial was created: a ``TrialsCreated=False`` condition turns True (it is only
+    added once a creation failed, so a search that never had a problem does not carry it)."""
+    if any(c.type == "TrialsCreated" and c.status == "False" for c in status.conditions):
+        set_condition(status, "TrialsCreated", "True", "Created", "every planned trial was created", now)
+    return status
+
+
 def invalid_spec(
     status: ArchitectureSearchStatus, message: str, now: datetime, generation: int | None
 ) -> ArchitectureSearchStatus:
@@ -242,6 +279,7 @@ def invalid_spec(
     throw away hours of training.
     """
     st = status.model_copy(deep=True)
+    message = clip(message, MAX_CONDITION_MESSAGE)
     set_condition(st, "SpecValid", "False", "InvalidSpec", message, now)
     st.message = f"spec rejected (generation {generation}); trials unchanged: {message}"
     return st

@@ -217,7 +217,9 @@ async def _drain(key: tuple[str, str], state: _SearchState) -> None:
             state.failures += 1
             delay = min(RETRY_MAX, RETRY_SECONDS * 2 ** (state.failures - 1))
             SEARCH_RECONCILES.labels(result="error").inc()
-            if isinstance(err, ApiException):
+            if isinstance(err, CreateFailed):
+                log.warning("search %s/%s: creating a trial failed (%s); retry in %.0fs", *key, err, delay)
+            elif isinstance(err, ApiException):
                 log.warning(
                     "search %s/%s: pass failed (%s %s); retry in %.0fs",
                     *key, err.status, err.reason, delay,
@@ -291,7 +293,15 @@ def reconcile_search(
     for trial in decision.create:
         if trial.name in observed or trial.name in state.created:
             continue
-        refused = _create_trial(search, trial)
+        try:
+            refused = _create_trial(search, trial)
+        except CreateFailed as err:
+            # Counted on the trial's record (status: visible, survives a restart) and retried with
+            # the pass's back-off; the engine fails the trial after MAX_CREATE_ATTEMPTS.
+            new = sb.create_failed(new, trial.name, str(err), now)
+            _write_status(search, state.status, new, state)
+            _post_event(search, "Warning", "TrialCreateFailed", f"trial {trial.name}: {err}")
+            raise
         if refused is not None:  # fold it into the search now (another pass), not retried forever
             state.refused[trial.name] = refused
             state.dirty = True
@@ -300,6 +310,8 @@ def reconcile_search(
         state.created.add(trial.name)
         created += 1
         created_or_refused += 1
+    if decision.create:  # a TrialsCreated=False condition of an earlier failure turns True
+        _write_status(search, state.status, sb.trials_created(new, now), state)
     ours = {t["name"] for t in trials if sb.owned_by(t, uid) and not t["deleting"]}
     for trial_name in decision.stop:
         if trial_name in ours:
@@ -343,12 +355,21 @@ def _write_status(
     return True
 
 
+class CreateFailed(Exception):
+    """The API server answered a trial's creation with an error that is not a refusal (422) and not
+    our own run (409): counted on the trial (``createFailures``), retried with back-off, and after
+    ``engine.MAX_CREATE_ATTEMPTS`` the trial fails with reason ``CreateFailed``."""
+
+
 def _create_trial(search: dict[str, Any], trial: engine.TrialToCreate) -> str | None:
     """Create the trial's TrainingRun; a 409 is fine only if the run there is this search's.
 
     Returns the API server's message when it refuses the TrainingRun (422: e.g. a CEL rule of the
     TrainingRun CRD that the search's validation does not know): that trial fails with reason
     ``TrialRefused`` and the search goes on, instead of retrying an object that cannot exist.
+    Raises :class:`CreateFailed` for any other answer (a quota's 403, a webhook's 500, a namesake
+    that is not ours); a connection failure (no answer: an outage) propagates as it is and is not
+    counted against the trial.
     """
     namespace, uid = search["namespace"], search["uid"]
     body = sb.trial_manifest(search["name"], namespace, uid, trial)
@@ -363,14 +384,15 @@ def _create_trial(search: dict[str, Any], trial: engine.TrialToCreate) -> str | 
             _post_event(search, "Warning", "TrialRefused", message)
             return message
         if err.status != 409:
-            raise
+            raise CreateFailed(f"{err.status} {err.reason}: {sb.api_message(err.body)}") from err
     existing = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, RUN_PLURAL, trial.name)
     if sb.owned_by(existing, uid):
         return None  # created by an earlier pass (or an operator that crashed after creating it)
     message = f"trial {trial.name}: a TrainingRun of that name exists and belongs to something else"
     if not (existing.get("metadata") or {}).get("deletionTimestamp"):
         _post_event(search, "Warning", "TrialNameTaken", message)
-    raise RuntimeError(message)  # retried with back-off: the namesake may be on its way out
+    # retried with back-off (the namesake may be on its way out), at most MAX_CREATE_ATTEMPTS times
+    raise CreateFailed(message)
 
 
 def _delete_trial(namespace: str, name: str) -> None:

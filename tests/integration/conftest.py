@@ -166,6 +166,8 @@ class Operator:
             "KUBEARCH_RESYNC_SECONDS": "0",  # no safety resync: every reaction must come from an event
             "KUBEARCH_PEERING_LIFETIME": "5",  # after a crash, the dead peer blocks for this long
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            # a failed search pass is retried after 0.5, 1, 2, 4 s (production: 2, 4, 8, 16 s)
+            "KUBEARCH_SEARCH_RETRY_SECONDS": "0.5",
             **extra_env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's lifetime

@@ -217,6 +217,47 @@ def test_a_value_the_trainingrun_refuses_is_named_and_no_trial_is_created(
     assert [e.reason for e in events] == ["InvalidSpec"]
 
 
+def test_a_trial_whose_creation_keeps_failing_fails_visibly_instead_of_staying_planned(
+    installed, operator, namespace: str
+) -> None:
+    """A ResourceQuota of zero TrainingRuns: the API server answers 403 (not a refusal of the spec).
+    Each attempt is counted on the trial and shown in TrialsCreated=False; after MAX_CREATE_ATTEMPTS
+    the trial fails with reason CreateFailed and counts against maxFailedTrials (0 here: the search
+    fails, naming the reason). Before, the trial stayed Planned forever with only a log line."""
+    kube, ns, name = installed, namespace, "quota"
+    resource = "count/trainingruns.kubearch.dev"
+    kube.core.create_namespaced_resource_quota(
+        ns, {"metadata": {"name": "no-runs"}, "spec": {"hard": {resource: "0"}}}
+    )
+    # No quota controller runs here: fill in the status it would write, so admission can decide.
+    kube.core.patch_namespaced_resource_quota_status(
+        "no-runs", ns, {"status": {"hard": {resource: "0"}, "used": {resource: "0"}}}
+    )
+    create_search(kube, ns, name, {**GOOD, "budget": {"maxTrials": 1, "maxFailedTrials": 0}})
+    seen = wait_for(
+        lambda: (
+            (s := search_status(kube, ns, name)).get("trials")
+            and s["trials"][0].get("createFailures", 0) >= 1
+            and s
+        ),
+        timeout=30,
+        what="the first failed creation counted on the trial",
+    )
+    first = seen["trials"][0]
+    assert first["state"] == "Planned" and "403" in first["message"] and "exceeded quota" in first["message"]
+    creating = cond(seen, "TrialsCreated")
+    assert (creating["status"], creating["reason"]) == ("False", "CreateFailed")
+    assert f"{name}-000" in creating["message"]
+    status = wait_search_phase(kube, ns, name, "Failed", timeout=90)
+    first = status["trials"][0]
+    assert (first["state"], first["reason"], first["createFailures"]) == ("Failed", "CreateFailed", 5)
+    assert "could not be created in 5 attempts" in first["message"]
+    assert "CreateFailed: 1" in status["message"] and "maxFailedTrials (0)" in status["message"]
+    assert trials(kube, ns, name) == []
+    events = kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
+    assert sum(e.reason == "TrialCreateFailed" for e in events) >= 5  # each attempt, then the failure
+
+
 # ------------------------------------------------------------------------------------------------
 # trials
 # ------------------------------------------------------------------------------------------------

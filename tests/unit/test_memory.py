@@ -10,6 +10,7 @@ from kubearch_trainer.memory import (
     activation_bytes_per_token,
     estimate_memory,
     max_batch_size,
+    measure_live_bytes,
     measure_saved_bytes,
 )
 from kubearch_trainer.models.registry import available_architectures, build_model
@@ -71,6 +72,59 @@ def test_activation_estimate_matches_saved_tensors(arch: str, kw: dict, scan: st
     # under ``logits`` together with the transient buffers
     predicted = est.saved_for_backward + 4 * cfg.vocab_size * b * t
     assert predicted == pytest.approx(measured, rel=0.06), (predicted, measured)
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("dense", {}),
+        ("mamba", {}),
+        ("hybrid", {"hybrid_local_window": 16}),
+        ("moe", {"num_experts": 4, "expert_capacity": 2}),
+    ],
+)
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_live_bytes_of_a_training_step_match_the_estimate(arch: str, kw: dict, amp: bool) -> None:
+    """The ``logits`` term, checked with every tensor alive rather than only the saved ones.
+
+    A vocabulary large against d_model makes the loss's buffers most of the step (12·V of the
+    ≈ 13.5·V bytes per token here), so a forgotten or extra s·V term (e.g. logits kept in the
+    output: +2·V or +4·V, 14–29 %) cannot hide in the tolerance.
+    """
+    cfg, model = _model(arch, vocab_size=4096, **kw)
+    b, t = 4, 64
+    live = measure_live_bytes(model, _batch(cfg, b, t), amp=amp)
+    est = estimate_memory(cfg, b, t, amp=amp, scan="torch", window_kernel="sdpa", n_params=model.num_params())
+    log_softmax = 4 * cfg.vocab_size * b * t
+    # Between forward and backward: what autograd saved (the log-softmax included), nothing more.
+    assert live.at_backward == pytest.approx(est.saved_for_backward + log_softmax, rel=0.03)
+    # The peak is at the loss's backward: forward_peak = cache + activations + 12·V per token.
+    assert est.forward_peak > est.gradients
+    assert live.peak == pytest.approx(est.forward_peak, rel=0.03)
+    # After backward only the gradients are left (fp32, one per parameter).
+    assert live.after_backward == pytest.approx(est.gradients, rel=0.01)
+
+
+def test_live_bytes_see_a_returned_tensor() -> None:
+    """The measurement itself: a tensor held by the output counts until backward ends."""
+    cfg, model = _model("dense", vocab_size=4096)
+    b, t = 2, 32
+    batch = _batch(cfg, b, t)
+    plain = measure_live_bytes(model, batch)
+    forward = model.forward
+
+    def holding(batch: dict[str, torch.Tensor]):  # the pre-fix behaviour: the logits returned
+        out = forward(batch)
+        with torch.no_grad():  # only the tensor itself stays: no second graph
+            out.logits = model.logits(batch["input_ids"])
+        return out
+
+    model.forward = holding  # type: ignore[method-assign]
+    held = measure_live_bytes(model, batch)
+    logits = 4 * cfg.vocab_size * b * t
+    assert held.at_backward - plain.at_backward == logits
+    assert held.after_backward - plain.after_backward == logits
+    assert held.peak - plain.peak == logits
 
 
 def test_activations_scale_with_batch_and_sequence() -> None:

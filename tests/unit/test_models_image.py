@@ -106,9 +106,29 @@ def test_cnn_features_and_accuracy() -> None:
     batch = _batch("cnn")
     feats = model.extract_features(batch["images"])
     assert feats.shape == (8, model.feature_dim)
+    model.eval()
     out = model(batch)
     assert out.logits.shape == (8, 4)
-    assert 0.0 <= float(out.metrics["accuracy"]) <= 1.0
+    expected = (out.logits.argmax(-1) == batch["labels"]).float().mean()
+    assert float(out.metrics["accuracy"]) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("arch", [*IMAGE_FAMILIES, *RECURRENT])
+def test_training_output_holds_no_logits_and_no_accuracy(arch: str) -> None:
+    """ModelOutput's rule for every family: logits and accuracy only outside training mode."""
+    torch.manual_seed(0)
+    model = build_model(_cfg(arch))
+    batch = _batch(arch)
+    out = model(batch)
+    assert out.logits is None and "accuracy" not in out.metrics
+    assert out.loss.requires_grad and torch.isfinite(out.loss)
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(batch)
+    if arch != "ddpm":  # DDPM predicts noise: it has no logits in either mode
+        assert evaluated.logits is not None
+    if arch == "cnn" or arch in RECURRENT:
+        assert 0.0 <= float(evaluated.metrics["accuracy"]) <= 1.0
 
 
 @pytest.mark.parametrize("arch", RECURRENT)

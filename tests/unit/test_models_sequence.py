@@ -45,10 +45,18 @@ def test_forward_shapes_metrics_and_learning(arch: str) -> None:
     model = build_model(tiny_cfg(arch))
     batch = fixed_batch()
     out = model(batch)
-    assert out.logits.shape == (BATCH, SEQ, VOCAB)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert {"ce_loss", "accuracy"} <= set(out.metrics)
+    assert "ce_loss" in out.metrics
     assert all(not v.requires_grad for v in out.metrics.values())
+    # Training returns no [B, T, V] logits (they would live through backward) and no accuracy.
+    assert out.logits is None and "accuracy" not in out.metrics
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(batch)
+    model.train()
+    assert evaluated.logits.shape == (BATCH, SEQ, VOCAB)
+    assert {"ce_loss", "accuracy"} <= set(evaluated.metrics)
+    torch.testing.assert_close(evaluated.metrics["ce_loss"], out.metrics["ce_loss"])  # no dropout
     # An untrained model is near uniform: CE close to log(V).
     assert abs(out.metrics["ce_loss"].item() - torch.log(torch.tensor(VOCAB)).item()) < 0.5
     losses = train_steps(model, batch)

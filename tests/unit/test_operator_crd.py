@@ -150,10 +150,12 @@ def _strings_and_numbers(node: Any, path: str = "spec") -> list[tuple[str, dict]
     return out
 
 
-def test_every_string_and_number_of_the_spec_is_bounded() -> None:
+@pytest.mark.parametrize("build", [crd.build_crd, crd.build_search_crd], ids=["trainingrun", "search"])
+def test_every_string_and_number_of_the_spec_is_bounded(build: Any) -> None:
     """Issue 9: a 1 MB string or weightDecay 1e308 passed the schema. Every string now has a
-    maxLength and every number a maximum; lists and maps a size limit (also CEL's cost bound)."""
-    spec = schema()["properties"]["spec"]
+    maxLength and every number a maximum; lists and maps a size limit (also CEL's cost bound).
+    The search's own fields too (min/max/step, goalValue, rungs, gpuMemory), not only its template."""
+    spec = schema(build)["properties"]["spec"]
     leaves = _strings_and_numbers(spec)
     assert len(leaves) > 60
     for path, node in leaves:
@@ -189,7 +191,7 @@ def test_untyped_values_are_kept_not_pruned() -> None:
     values = spec["searchSpace"]["items"]["properties"]["values"]
     assert values["type"] == "array" and values["items"] == {"x-kubernetes-preserve-unknown-fields": True}
     overrides = spec["algorithm"]["properties"]["rungOverrides"]["items"]
-    assert overrides == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    assert overrides == {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "maxProperties": 32}
     status = search_props()["status"]["properties"]
     assert status["algorithmState"]["x-kubernetes-preserve-unknown-fields"] is True
     trial = status["trials"]["items"]["properties"]

@@ -332,7 +332,7 @@ def test_conflict_with_our_own_trial_is_adopted(api, steps) -> None:
 def test_conflict_with_a_stranger_is_an_error_and_an_event(api, steps) -> None:
     calls, existing = api
     existing["s-0"] = run("s-0", owner="a-deleted-search")
-    with pytest.raises(RuntimeError, match="belongs to something else"):
+    with pytest.raises(sh.CreateFailed, match="belongs to something else"):
         sh.reconcile_search(search(), [], sh._SearchState())
     assert (
         "event",
@@ -414,6 +414,52 @@ def test_a_trial_the_api_server_refuses_fails_with_its_message_instead_of_retryi
     refused = steps[-1]["observed"]["s-0"]
     assert (refused.state, refused.reason) == ("Failed", "TrialRefused") and why in refused.message
     assert len([c for c in calls if c[0] == "create"]) == 1
+
+
+def test_a_creation_that_keeps_failing_is_counted_visible_and_bounded(
+    api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 403 (a quota), not a refusal: each attempt is counted on the trial and shown in the
+    TrialsCreated condition; after MAX_CREATE_ATTEMPTS the trial fails (CreateFailed) and a new
+    configuration takes its place, instead of the trial staying Planned forever. The real engine."""
+    calls, _ = api
+    custom = sh._clients["custom"]
+    forbidden = {"kind": "Status", "message": 'trainingruns "s-000" is forbidden: exceeded quota: runs'}
+
+    def create(g, v, ns, plural, body) -> None:
+        calls.append(("create", body))
+        err = ApiException(status=403, reason="Forbidden")
+        err.body = json.dumps(forbidden)
+        raise err
+
+    monkeypatch.setattr(custom, "create_namespaced_custom_object", create)
+    spec = {
+        "trialTemplate": {"resources": {"gpusPerNode": 0}},
+        "searchSpace": [{"path": "model.size", "values": ["tiny", "small"]}],
+        "budget": {"maxFailedTrials": 3},
+    }
+    state = sh._SearchState()
+    for attempt in range(1, engine.MAX_CREATE_ATTEMPTS + 1):
+        with pytest.raises(sh.CreateFailed, match=r"403 Forbidden: .*exceeded quota"):
+            sh.reconcile_search(search(spec=spec, status=state.status), [], state)
+        written = state.status
+        first = written["trials"][0]
+        assert (first["name"], first["state"], first["createFailures"]) == ("s-000", "Planned", attempt)
+        assert f"({attempt}/{engine.MAX_CREATE_ATTEMPTS})" in first["message"]
+        cond = next(c for c in written["conditions"] if c["type"] == "TrialsCreated")
+        assert (cond["status"], cond["reason"]) == ("False", "CreateFailed")
+        assert "s-000" in cond["message"] and "exceeded quota" in cond["message"]
+    creates = [c for c in calls if c[0] == "create"]
+    assert len(creates) == engine.MAX_CREATE_ATTEMPTS
+    # The next pass fails the trial and plans the next configuration in its place.
+    monkeypatch.setattr(custom, "create_namespaced_custom_object", lambda *a, **k: calls.append(("ok", a[4])))
+    sh.reconcile_search(search(spec=spec, status=state.status), [], state)
+    trials = {t["name"]: t for t in state.status["trials"]}
+    assert (trials["s-000"]["state"], trials["s-000"]["reason"]) == ("Failed", "CreateFailed")
+    assert [c[1]["metadata"]["name"] for c in calls if c[0] == "ok"] == ["s-001"]
+    cond = next(c for c in state.status["conditions"] if c["type"] == "TrialsCreated")
+    assert cond["status"] == "True"
+    assert ("event", ("TrialCreateFailed", "trial s-000: " + trials["s-000"]["message"])) in calls
 
 
 def test_api_message_reads_a_status_body() -> None:

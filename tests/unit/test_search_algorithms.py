@@ -61,7 +61,7 @@ RANGES = [
 
 
 def test_random_is_seeded_reproducible_and_in_range() -> None:
-    spec = _spec({"name": "random", "seed": 7}, RANGES, budget={"maxTrials": 300})
+    spec = _spec({"name": "random", "seed": 7}, RANGES, budget={"maxTrials": 200})
     a, _ = algorithms.propose(spec, [], 300, {})
     b, _ = algorithms.propose(spec, [], 300, {})
     assert a == b

@@ -37,7 +37,7 @@ def test_rungs_overrides_and_budget_errors_name_their_field() -> None:
         "spec.algorithm.rungs[1]: 20 must be larger than rungs[0] (50)"
     )
     msg = _error({"searchSpace": [SIZE], "algorithm": {"name": "asha"}})
-    assert msg.startswith("spec.algorithm: asha needs at least two rungs")
+    assert msg.startswith("spec.algorithm.rungs: asha needs at least two rungs")
     msg = _error(
         {
             "searchSpace": [SIZE],
@@ -51,8 +51,8 @@ def test_rungs_overrides_and_budget_errors_name_their_field() -> None:
     assert "'bayes' is not one of 'grid', 'random', 'asha', 'tpe'" in _error(
         {"searchSpace": [SIZE], "algorithm": {"name": "bayes"}}
     )
-    assert _error({"searchSpace": [SIZE], "planning": {"gpuMemory": "24 gigs"}}).startswith(
-        "spec.planning.gpuMemory: '24 gigs' is not a byte quantity"
+    assert _error({"searchSpace": [SIZE], "planning": {"gpuMemory": "24 gigs"}}) == (
+        "spec.planning.gpuMemory: must be a byte quantity such as 24Gi, 80G or 25769803776 (got '24 gigs')"
     )
 
 

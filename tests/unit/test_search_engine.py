@@ -9,7 +9,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from kubearch_operator.search.api import ArchitectureSearchStatus, parse_search_spec
+from kubearch_operator.search.api import ArchitectureSearchStatus, parse_search_spec, records_bound
 from kubearch_operator.search.engine import (
     SEARCH_LABEL,
     TRIAL_INDEX_LABEL,
@@ -380,6 +380,7 @@ def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -
     ]
     if algorithm["name"] in ("random", "tpe"):
         space[0] = {"path": "training.learningRate", "min": 1e-4, "max": 1e-2, "log": True}
+    max_trials = rng.randint(2, 8)
     spec = _spec(
         trialTemplate={
             "model": {"architecture": "dense"},
@@ -389,8 +390,8 @@ def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -
         searchSpace=space,
         algorithm=algorithm,
         budget={
-            "parallelTrials": rng.randint(1, 4),
-            "maxTrials": rng.randint(2, 8),
+            "parallelTrials": rng.randint(1, min(4, max_trials)),
+            "maxTrials": max_trials,
             "maxFailedTrials": rng.randint(0, 3),
         },
     )
@@ -398,6 +399,8 @@ def test_random_outcomes_never_stall_duplicate_or_exceed_the_budget(seed: int) -
     for _ in range(300):
         d = drv.step()
         assert len(drv.running()) <= spec.budget.parallel_trials
+        # the premise of the status size bound (api.status_size_bound): records never outgrow it
+        assert len(drv.status.trials) <= records_bound(spec)
         if drv.status.phase in ("Succeeded", "Failed"):
             break
         assert drv.running() or d.create, drv.status.message

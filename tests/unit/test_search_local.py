@@ -99,7 +99,12 @@ def test_dry_run_prints_the_memory_plan(capsys: pytest.CaptureFixture) -> None:
     assert run_kubearch(["search", "-f", str(example), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "rung 0 (50 steps): 36 trials" in printed and "rung 1 (200 steps): 36 trials" in printed
-    assert printed.count("changed") >= 18 and "effective batch kept: yes" in printed
+    # every trial expected to run out of memory (the 9 large ones at batch 32) is re-sliced
+    assert "expected OOM without planning 9 (25%), with planning 0" in printed
+    changed = [line for line in printed.splitlines() if line.endswith("| changed")]
+    assert len(changed) >= 9 and all("| 32x1 |" in line and "| 16x2 |" in line for line in changed)
+    assert sum("| large |" in line for line in changed) == 9
+    assert "effective batch kept: yes" in printed
 
 
 def test_bad_manifest_is_refused_with_the_field(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

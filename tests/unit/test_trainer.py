@@ -135,6 +135,32 @@ def test_training_lowers_loss_and_writes_results(tmp_path: Path) -> None:
     assert on_disk["dims"] == {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64}
 
 
+def test_validation_accuracy_is_exported_and_training_accuracy_is_not(tmp_path: Path) -> None:
+    """The LM computes accuracy only in eval mode; the loop's val accuracy is still the share of
+    right next-token argmaxes over the validation batches, recomputed here from the checkpoint."""
+    from kubearch_trainer.data import build_datasets
+    from kubearch_trainer.models import build_model
+
+    cfg = tiny_cfg(tmp_path, steps_per_epoch=6, log_every=3, eval_every=6, eval_batches=3)
+    res = train(cfg)
+    assert res["status"] == "completed", res.get("error")
+    on_disk = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert "ce_loss" in on_disk["train_metrics"] and "accuracy" not in on_disk["train_metrics"]
+    assert on_disk["val_metrics"]["accuracy"] == on_disk["val_accuracy"]
+    # The weights evaluated at the last step are the ones checkpointed at it.
+    model = build_model(cfg.model).eval()
+    model.load_state_dict(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["model"])
+    batches = build_datasets(cfg, "lm").eval_batches(3, cfg.training.batch_size, torch.device("cpu"))
+    per_batch = []
+    with torch.no_grad():
+        for batch in batches:
+            predicted = model.logits(batch["input_ids"]).argmax(-1)
+            valid = batch["targets"] != -100
+            per_batch.append(((predicted == batch["targets"]) & valid).sum().item() / valid.sum().item())
+    assert on_disk["val_accuracy"] == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-6)
+    assert on_disk["val_accuracy"] > 0  # the tiny text is learnable: some argmaxes are right
+
+
 def test_nan_steps_are_skipped_and_counted(tmp_path: Path) -> None:
     _NAN_CALLS.clear()
     _NAN_CALLS.update({2, 3})

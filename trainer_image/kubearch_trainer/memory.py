@@ -14,12 +14,22 @@ Model (per process, data-parallel replicas hold everything in full):
   outputs are bf16 (2 bytes) but the residual stream, norms, softplus/Δ and the loss stay fp32.
   With gradient checkpointing each block keeps only its input (the fp32 residual, 4·d) and one
   block's activations exist again while it is recomputed.
-- **logits**: at the loss's backward, the LM head's output (kept by ``ModelOutput.logits``), the
-  saved fp32 log-softmax, its incoming gradient and the gradient it produces: V·(s + 4 + 4 + 4)
-  per token (the fp32 copy made for the loss is freed after the forward).
+- **logits**: the loss's buffers, V·12 bytes per token whatever the precision. Op by op
+  (``CausalLM.forward``): the LM head writes the logits (s·V); ``.float()`` copies them to fp32
+  (4V; a no-op without AMP); ``cross_entropy`` is ``log_softmax`` (saves its fp32 output, 4V) then
+  ``nll_loss`` (saves that same tensor). In training the forward returns no logits
+  (``ModelOutput``'s rule), so when it returns both the head output and the fp32 copy are freed
+  (nothing saves them: the linear saves its input, ``log_softmax`` its output): the forward's
+  transient is (s + 8)·V, and the start of backward holds only the log-softmax, 4V. Backward then
+  runs ``nll_loss`` backward (a dense fp32 gradient, 4V) and ``log_softmax`` backward (its fp32
+  result, 4V) while the saved output is still alive: 4 + 4 + 4 = 12·V, the largest of the loss's
+  moments (later ones hold the fp32 gradient and its bf16 cast, (4 + s)·V). Checked on CPU by
+  :func:`measure_live_bytes`. (Before the rule, ``ModelOutput.logits`` kept the head output
+  through backward: s·V more.)
 - **peak**: the trainer sets gradients to None after each step, so they are allocated during the
   backward pass while activations are freed: the peak is weights + optimizer state + the larger of
-  (autocast cache + activations + logits) at the start of backward and the gradients at its end.
+  (autocast cache + activations + logits) at the loss's backward, the first nodes of the backward
+  pass, and the gradients at its end.
   With gradient accumulation (``grads_persist``) gradients live through the forward pass and add.
   DDP keeps its own gradient buckets (4·P) unless ``gradient_as_bucket_view`` is set.
 
@@ -28,7 +38,10 @@ The per-token activation formulas were derived op by op from ``models/layers.py`
 (:func:`measure_saved_bytes`, a ``saved_tensors_hooks`` count, deduplicated by storage); on a
 GPU the benchmark compares the total with ``torch.cuda.max_memory_allocated``. Not modelled:
 allocator fragmentation and caching slack, cuBLAS/cuDNN workspaces, NCCL buffers, CUDA context
-(≈ 0.5 GiB outside PyTorch's allocator), LoRA adapters' extra activations.
+(≈ 0.5 GiB outside PyTorch's allocator), LoRA adapters' extra activations. The model is eager
+execution: under ``torch.compile`` the loss's fused kernels keep less (on CPU's inductor a bf16
+step's whole peak was 3.2 bytes × V per token, against 12.85 eager), so compiled runs measure
+below the estimate.
 """
 
 from __future__ import annotations
@@ -227,7 +240,7 @@ def estimate_memory(
     s = 2 if amp else 4
     per_token = activation_bytes_per_token(cfg, seq_len, amp=amp, checkpointing=checkpointing, scan=scan)
     v = cfg.vocab_size
-    logits = v * (s + 4 + 4 + 4)  # output, saved log-softmax, its gradient in and out
+    logits = v * (4 + 4 + 4)  # saved log-softmax, its gradient in and out (see the module doc)
     matmul_weights = counts.total - counts.lookup_only
     # The hybrid's window on the SDPA path is a (T, T) boolean mask (cached per layer) that SDPA
     # turns into an additive float bias per call and keeps for backward: per batch, not per token.
@@ -293,3 +306,71 @@ def measure_saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, amp
         out = model(batch)
     del out
     return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class LiveBytes:
+    """Bytes of tensors made during one training step (parameters and the batch excluded).
+
+    ``at_backward`` is what is alive between forward and backward (the output included, as the
+    train loop holds it); ``peak`` the most alive at once from the forward's start to the end of
+    backward; ``after_backward`` what is left then (the gradients, with the output if still held).
+    """
+
+    at_backward: int
+    peak: int
+    after_backward: int
+
+
+def measure_live_bytes(model: nn.Module, batch: dict[str, torch.Tensor], *, amp: bool = False) -> LiveBytes:
+    """Allocated bytes over one forward + backward of ``model``, on any device, including CPU.
+
+    Why: CPU has no ``max_memory_allocated``, and :func:`measure_saved_bytes` sees only what
+    autograd saves, not the tensors the forward returns nor the buffers backward allocates (the
+    loss's gradients, the ``logits`` term). A ``TorchDispatchMode`` sees the result of every op
+    below autograd, forward and backward; it keeps a weak reference to each new storage, so the
+    live total after each op is the sum over storages not yet freed. The train loop's order is
+    kept: forward under autocast, autocast left (its weight cache then lives only in saved tensors),
+    then backward with the output still referenced. Not seen: kernels' internal workspaces.
+    """
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    # Views of what existed before (a weight's transpose, a slice of the batch) share its storage.
+    before = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    before |= {t.untyped_storage().data_ptr() for t in batch.values()}
+    live: dict[int, tuple[StorageWeakRef, int]] = {}
+    peak = 0
+
+    def alive() -> int:
+        for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+            del live[key]
+        return sum(n for _, n in live.values())
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal peak
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    known = live.get(key)
+                    fresh = known is None or known[0].expired()
+                    if storage.nbytes() > 0 and key not in before and fresh:
+                        live[key] = (StorageWeakRef(storage), storage.nbytes())
+            peak = max(peak, alive())
+            return out
+
+    device_type = next(model.parameters()).device.type
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    with Track():
+        with ctx:
+            out = model(batch)
+        at_backward = alive()
+        out.loss.backward()
+        after = alive()
+    del out
+    return LiveBytes(at_backward=at_backward, peak=peak, after_backward=after)

@@ -26,4 +26,7 @@ class Bigram(KubearchModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         logits = self.table(batch["input_ids"])
         loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
-        return ModelOutput(loss=loss, metrics={"ce_loss": loss.detach()}, logits=logits)
+        # No logits while training (ModelOutput's rule): the train loop would hold them through backward.
+        return ModelOutput(
+            loss=loss, metrics={"ce_loss": loss.detach()}, logits=None if self.training else logits
+        )

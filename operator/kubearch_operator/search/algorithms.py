@@ -72,6 +72,19 @@ def grid_points(spec: ArchitectureSearchSpec) -> list[dict[str, Any]]:
     return [dict(zip(paths, combo, strict=True)) for combo in itertools.product(*axes)]
 
 
+def grid_point(spec: ArchitectureSearchSpec, index: int) -> dict[str, Any] | None:
+    """Point ``index`` of :func:`grid_points` without enumerating the product (a grid of 32 axes of
+    256 values has 256**32 points; a search tries at most budget.maxTrials of them). None past the end."""
+    axes = [p.grid_values() for p in spec.search_space]
+    if index >= math.prod(len(a) for a in axes):
+        return None
+    out: dict[str, Any] = {}
+    for param, values in zip(reversed(spec.search_space), reversed(axes), strict=True):
+        index, digit = divmod(index, len(values))
+        out[param.path] = values[digit]
+    return {p.path: out[p.path] for p in spec.search_space}
+
+
 def max_configurations(spec: ArchitectureSearchSpec) -> int | None:
     """How many configurations the algorithm can propose at all: the grid's size for grid, else
     unbounded (random and tpe may repeat a point of a finite space; that is allowed)."""
@@ -115,8 +128,8 @@ def propose(
     start = len(history)
     out: list[dict[str, Any]] = []
     if name == "grid":
-        points = grid_points(spec)
-        out = points[start : start + count]
+        points = (grid_point(spec, i) for i in range(start, start + count))
+        out = [p for p in points if p is not None]
     elif name == "random":
         out = [sample_random(spec, start + k) for k in range(count)]
     elif name == "asha":
@@ -137,9 +150,9 @@ def _asha_point(spec: ArchitectureSearchSpec, index: int) -> dict[str, Any]:
     """ASHA's configurations: the grid in order when the space is all value lists and the grid is
     not exhausted (the seed's 36), else random samples."""
     if all(p.values is not None or p.step is not None for p in spec.search_space):
-        points = grid_points(spec)
-        if index < len(points):
-            return points[index]
+        point = grid_point(spec, index)
+        if point is not None:
+            return point
     return sample_random(spec, index)
 
 

@@ -35,6 +35,7 @@ from . import algorithms, planner
 from .algorithms import ConfigView
 from .api import (
     FINAL_TRIAL_STATES,
+    KEPT_METRICS,
     ArchitectureSearchSpec,
     ArchitectureSearchStatus,
     LeaderboardEntry,
@@ -67,6 +68,12 @@ NOT_COUNTED_FAILURES = frozenset({"WontFit", "ExceedsMaxGPUs"})
 #: Entries kept in ``status.leaderboard`` (the report ranks every trial from ``status.trials``).
 LEADERBOARD_SIZE = 10
 ACTIVE_STATES = frozenset({"Planned", "Created", "Running"})
+#: Attempts to create a trial's TrainingRun that the API server answered with an error other than a
+#: refusal (422, failed at once) or our own run (409): a quota (403), an admission webhook's 500, a
+#: namesake that is not ours. After this many the trial fails with reason ``CreateFailed`` (counted
+#: against maxFailedTrials, replaced like any failure) instead of staying Planned forever. The
+#: operator's back-off (2, 4, 8, 16 s) spreads them over about half a minute.
+MAX_CREATE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -290,6 +297,13 @@ def _views(records: list[TrialRecord], n_rungs: int) -> list[ConfigView]:
     return views
 
 
+def _kept_metrics(metrics: dict[str, float], spec: ArchitectureSearchSpec) -> dict[str, float]:
+    """What a record keeps of a trial's metrics: those the leaderboard and the report read, and the
+    objective (the record's size is bounded: see api.status_size_bound)."""
+    keep = {*KEPT_METRICS, spec.objective.metric}
+    return {k: v for k, v in metrics.items() if k in keep}
+
+
 def _fold(rec: TrialRecord, obs: TrialObservation, spec: ArchitectureSearchSpec, ts: str) -> None:
     """Fold what the caller saw of a trial into its record (Planned trials are adopted here)."""
     if obs.state in ("Created", "Running"):
@@ -297,11 +311,11 @@ def _fold(rec: TrialRecord, obs: TrialObservation, spec: ArchitectureSearchSpec,
             rec.state = obs.state
         rec.start_time = rec.start_time or ts
         if obs.metrics:
-            rec.metrics = dict(obs.metrics)
+            rec.metrics = _kept_metrics(obs.metrics, spec)
         return
     rec.start_time = rec.start_time or ts
     rec.completion_time = ts
-    rec.metrics = dict(obs.metrics)
+    rec.metrics = _kept_metrics(obs.metrics, spec)
     if obs.state == "Succeeded":
         value = obs.metrics.get(spec.objective.metric)
         if value is None:
@@ -462,6 +476,12 @@ def step(
             if rec.state in ("Created", "Running"):
                 rec.state, rec.reason, rec.completion_time = "Failed", "TrialLost", ts
                 rec.message = "the trial disappeared before it finished (deleted?)"
+            elif rec.create_failures >= MAX_CREATE_ATTEMPTS:
+                rec.state, rec.reason, rec.completion_time = "Failed", "CreateFailed", ts
+                rec.message = (
+                    f"its TrainingRun could not be created in {rec.create_failures} attempts: {rec.message}"
+                )
+                d.events.append(("Warning", "TrialCreateFailed", f"trial {rec.name}: {rec.message}"))
             continue  # a Planned trial not seen yet: created below (again)
         before = rec.state
         _fold(rec, obs, spec, ts)

@@ -27,6 +27,15 @@ class ModelOutput:
     ``metrics`` holds detached 0-d tensors (e.g. ``ce_loss``, ``accuracy``, ``aux_loss``); the
     loop averages them over eval batches and exports them. Keep them tensors: reading them with
     ``.item()`` every step would synchronise the GPU.
+
+    ``logits`` is the model's output before the loss ([B, T, V] for language models, [B, classes]
+    for classifiers, image logits for VAEs). Every built-in family (and a plugin should too) leaves
+    it ``None`` in training mode whenever a loss is computed (targets, labels or images given):
+    anything the output holds stays allocated until the train loop drops it after backward, and
+    for an LM that is B·T·V values, often the largest tensor of the step. Likewise ``accuracy``
+    (an argmax over those logits) is computed only outside training mode: the accuracy the loop
+    exports is the validation one. In eval mode, and for inference without targets, ``logits``
+    is set.
     """
 
     loss: torch.Tensor
@@ -35,6 +44,16 @@ class ModelOutput:
     #: Tensors (with grad) the model offers to the 2π regulariser, e.g. ``{"latent_logvar": ...}``
     #: for VAEs or ``{"noise_pred": ...}`` for diffusion. Transformers are regulated through hooks.
     regulated: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def token_accuracy(flat_logits: torch.Tensor, flat_targets: torch.Tensor) -> torch.Tensor:
+    """Share of non-ignored targets (!= -100) whose argmax prediction is right (a 0-d tensor).
+
+    The sequence families' ``accuracy`` metric (eval mode only, see :class:`ModelOutput`)."""
+    valid = flat_targets != -100
+    correct = (flat_logits.argmax(dim=-1) == flat_targets) & valid
+    return correct.sum().float() / valid.sum().clamp(min=1).float()
 
 
 class KubearchModel(nn.Module):

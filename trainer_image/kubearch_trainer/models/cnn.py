@@ -88,10 +88,12 @@ class CNNClassifier(KubearchModel):
         if labels is None:
             return ModelOutput(loss=logits.new_zeros(()), logits=logits, regulated={"features": features})
         ce = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.detach().argmax(-1) == labels).float().mean()
+        metrics = {"ce_loss": ce.detach()}
+        if not self.training:  # ModelOutput's rule: no logits, no accuracy while training
+            metrics["accuracy"] = (logits.detach().argmax(-1) == labels).float().mean()
         return ModelOutput(
             loss=ce,
-            metrics={"ce_loss": ce.detach(), "accuracy": accuracy},
-            logits=logits,
+            metrics=metrics,
+            logits=None if self.training else logits,
             regulated={"features": features},
         )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubearch_trainer.config import ModelConfig
-from kubearch_trainer.models.base import KubearchModel, ModelOutput
+from kubearch_trainer.models.base import KubearchModel, ModelOutput, token_accuracy
 from kubearch_trainer.models.image_blocks import family_dims
 from kubearch_trainer.models.registry import register
 
@@ -71,14 +71,13 @@ class RecurrentLM(KubearchModel):
             flat_logits = logits.float().reshape(-1, logits.size(-1))
             flat_targets = targets.reshape(-1)
             ce = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-            with torch.no_grad():
-                valid = flat_targets != -100
-                correct = (flat_logits.argmax(-1) == flat_targets) & valid
-                accuracy = correct.sum().float() / valid.sum().clamp(min=1).float()
+            metrics = {"ce_loss": ce.detach()}
+            if not self.training:  # ModelOutput's rule: no logits, no accuracy while training
+                metrics["accuracy"] = token_accuracy(flat_logits, flat_targets)
             result = ModelOutput(
                 loss=ce,
-                metrics={"ce_loss": ce.detach(), "accuracy": accuracy},
-                logits=logits,
+                metrics=metrics,
+                logits=None if self.training else logits,
                 regulated={"hidden": outputs},
             )
         return (result, new_hidden) if return_hidden else result

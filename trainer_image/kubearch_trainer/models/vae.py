@@ -154,7 +154,9 @@ class _GaussianVAE(_ImageVAEBase):
         kl = gaussian_kl(mu, logvar)
         loss = recon + self.kl_weight * kl
         metrics = {"recon_loss": recon.detach(), "kl": kl.detach(), "neg_elbo": (recon + kl).detach()}
-        return ModelOutput(loss=loss, metrics=metrics, logits=logits, regulated={"latent": z})
+        return ModelOutput(
+            loss=loss, metrics=metrics, logits=None if self.training else logits, regulated={"latent": z}
+        )
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -302,7 +304,9 @@ class VQVAE(_ImageVAEBase):
             "codebook_usage": (counts > 0).float().mean(),
             "codebook_dead": self.dead_codes().float().sum(),
         }
-        return ModelOutput(loss=loss, metrics=metrics, logits=logits, regulated={"latent": flat})
+        return ModelOutput(
+            loss=loss, metrics=metrics, logits=None if self.training else logits, regulated={"latent": flat}
+        )
 
     def extra_metrics(self) -> dict[str, torch.Tensor]:
         return {"codebook_restarts_total": self.restarts_total.float()}
@@ -405,7 +409,9 @@ class HierarchicalVAE(_ImageVAEBase):
         for i, k in enumerate(kls):
             metrics[f"kl_l{i + 1}"] = k.detach()
         regulated = {f"latent_l{i + 1}": z for i, z in enumerate(zs)}
-        return ModelOutput(loss=recon + kl, metrics=metrics, logits=logits, regulated=regulated)
+        return ModelOutput(
+            loss=recon + kl, metrics=metrics, logits=None if self.training else logits, regulated=regulated
+        )
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
