@@ -35,6 +35,8 @@ kubearch_operator``. Design:
   (:class:`~kubearch_operator.workqueue.Outage`) and retried with back-off.
 * A spec the operator cannot run (caught by the pydantic models after the CRD schema let it in)
   changes nothing but a ``SpecValid=False`` condition: running pods keep running.
+* ``crashpoint.reached(...)`` marks the stages a kill test must hit (status written, a pod
+  deleted, a pod created...); a no-op unless ``KUBEARCH_CRASH_AT`` is set (tests only).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from kubearch_trainer.config import ConfigError
 from kubernetes.client.rest import ApiException
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from . import builders, refusals
+from . import builders, crashpoint, refusals
 from .api import (
     GROUP,
     KIND,
@@ -386,6 +388,7 @@ async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labe
     _state.expectations.observed(key, name)
     # The initial listing needs no pass of its own: each run's own listing event queues it.
     if event.get("type") is not None and key in _state.runs:
+        crashpoint.reached("child-event", key)
         _enqueue(key)
 
 
@@ -605,6 +608,7 @@ def _reconcile(snap: Snapshot) -> Outcome:
             )
     for pod_name in decision.delete_pods:
         _delete(_clients["core"].delete_namespaced_pod, pod_name, namespace)
+        crashpoint.reached("pod-deleted", key)
     outcome = Outcome(written=written, requeue_after=decision.requeue_after)
     phase = decision.status.phase
     if phase not in TERMINAL_PHASES:
@@ -789,6 +793,7 @@ def _ensure_children(snap: Snapshot, spec: Any, plan: builders.RunPlan, decision
                     cm_name, namespace, {"data": configmap()["data"]}, _preload_content=False
                 )
             )
+            crashpoint.reached("configmap-patched", snap.key)
         except ApiException as err:
             if refusals.is_refused(err.status):
                 raise Refused(refusals.describe_refusal("ConfigMap", cm_name, err.status, err.body)) from None
@@ -837,6 +842,7 @@ def _ensure_group(snap: Snapshot, spec: Any, shape: Any, attempt: int, owned: li
             if _create("Pod", _clients["writes"].create_namespaced_pod, namespace, pod):
                 created += 1
                 unseen.discard(pod_name)
+                crashpoint.reached("pod-created", snap.key)
                 continue
             _check_existing(
                 "Pod", core.read_namespaced_pod, core.delete_namespaced_pod, pod_name, namespace, uid
@@ -871,6 +877,8 @@ def _post_event(run: dict[str, Any], type_: str, reason: str, message: str) -> N
         _clients["writes"].create_namespaced_event(meta["namespace"], body)
     except ApiException as err:  # events are best effort
         log.warning("could not post event %s: %s", reason, err.reason)
+        return
+    crashpoint.reached("event-posted", (meta["namespace"], meta["name"]))
 
 
 def _record_phase(key: RunKey, phase: str | None) -> None:
@@ -913,10 +921,14 @@ def _write_status(run: dict[str, Any], stored: dict[str, Any], new: dict[str, An
     if _prune(new) == _prune(stored):
         return None
     meta = run["metadata"]
+    key = (meta["namespace"], meta["name"])
+    crashpoint.reached("status-write", key)
     patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": new}
-    return _clients["custom"].patch_namespaced_custom_object_status(
+    written = _clients["custom"].patch_namespaced_custom_object_status(
         GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch
     )
+    crashpoint.reached("status-written", key)
+    return written
 
 
 from . import search_handlers  # noqa: E402, F401  (registers the ArchitectureSearch handlers)

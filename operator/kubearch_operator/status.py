@@ -13,6 +13,8 @@ Rules (Kubeflow's meanings, with the failure modes its users report fixed):
 * Exit codes are classified with ``kubearch_trainer.exit_codes``: config/data errors, NaN aborts and
   CUDA OOM (and a container ``OOMKilled``) fail the run at once; 130/137/143 (preemption, eviction,
   node shutdown), evicted/preempted pods, 1 and any other code are retried.
+* A pod missing from a group that has run (phase Running) was lost: the group restarts. Before
+  the group ran, a missing pod is created (an operator killed mid-creation leaves a partial group).
 * The master (index 0) succeeding makes the run Succeeded (torchrun nodes finish together), even
   if a worker fails after it (Kubeflow: master success is job success); success is final.
 * A changed condition moves to the end of ``status.conditions`` (Kubeflow's convention), so
@@ -406,7 +408,11 @@ def reconcile(
 
     failed = [classify_failure(v) for v in current if v.phase == "Failed"]
     started = any(v.phase in ("Running", "Succeeded") for v in current)
-    if not failed and started and st.phase in ("Running", "Restarting", "Created"):
+    # A missing pod is *lost* only once the whole group has been seen running (phase Running).
+    # Before that it may never have been created: an operator killed between two pod creations
+    # leaves a partial group, whose first pods the kubelet may start meanwhile. Those pods are
+    # created (below), not taken for a failure that restarts the group or spends backoffLimit.
+    if not failed and started and st.phase == "Running":
         lost = [n for n in (pod_name(run, i) for i in range(nodes)) if n not in by_name]
         failed = [Failure(n, True, "PodLost", f"pod {n} disappeared while the group ran") for n in lost]
     if failed:

@@ -158,7 +158,8 @@ class Operator:
             "operator",
         )
 
-    def start(self) -> Operator:
+    def start(self, **extra_env: str) -> Operator:
+        """Start the process; ``extra_env`` adds or overrides variables for this start only."""
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -167,6 +168,7 @@ class Operator:
             "KUBEARCH_OPERATOR_METRICS_PORT": str(self.metrics_port),
             # a failed search pass is retried after 0.5, 1, 2, 4 s (production: 2, 4, 8, 16 s)
             "KUBEARCH_SEARCH_RETRY_SECONDS": "0.5",
+            **extra_env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's lifetime
         self.proc = subprocess.Popen(

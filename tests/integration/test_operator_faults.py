@@ -3,13 +3,12 @@
 Each test reproduces one failure an outside review found: an object the API server refuses, a
 child left by an earlier run of the same name, a deleted child, a deletion while the operator is
 down, a spec too large for kopf's annotations, the API server going away. No test sleeps in place
-of a condition; the only sleep is the outage's own length.
+of a condition; the only sleep is the outage's own length. SIGKILLs: test_operator_kills.py.
 """
 
 from __future__ import annotations
 
 import re
-import signal
 from typing import Any
 
 import pytest
@@ -330,27 +329,3 @@ def test_api_server_outage_is_logged_once_and_new_runs_get_pods_after_it(
     # kopf's watch streams (a handful of resources) retry with back-off; the ten runs add nothing.
     assert len(lines) < 60, "\n".join(lines[-80:])
     assert not any("idle-" in ln for ln in lines), "\n".join(ln for ln in lines if "idle-" in ln)
-
-
-def test_sigkills_while_runs_are_created_leave_no_duplicate_or_missing_children(
-    installed, operator, namespace: str
-) -> None:
-    """Kill -9 the operator three times while 30 runs are being created and reconciled: every run
-    ends with exactly its pod, Service and ConfigMap, each owned by it."""
-    kube, ns = installed, namespace
-    names = [f"killed-{i:02d}" for i in range(30)]
-    for batch in range(3):
-        for n in names[batch * 10 : (batch + 1) * 10]:
-            create_run(kube, ns, n, spec(nodes=1))
-        operator.stop(signal.SIGKILL)
-        operator.start()
-
-    def complete() -> bool:
-        for n in names:
-            uid = uid_of(kube, ns, n)
-            found = pods(kube, ns, n, live=False)
-            if len(found) != 1 or owner_uids(found[0]) != [uid] or not children_owned_by(kube, ns, n, uid):
-                return False
-        return True
-
-    wait_for(complete, timeout=90, interval=0.5, what="one pod, Service and ConfigMap per run")

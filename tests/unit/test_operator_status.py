@@ -156,6 +156,23 @@ def test_a_pod_lost_while_running_restarts_the_group() -> None:
     assert d.status.phase == "Restarting" and cond(d.status, "Restarting").reason == "PodLost"
 
 
+@pytest.mark.parametrize(
+    ("phase", "restart_count"), [("Created", 0), ("Restarting", 1)], ids=["first group", "after a restart"]
+)
+def test_a_pod_never_created_is_created_even_if_the_others_already_run(
+    phase: str, restart_count: int
+) -> None:
+    """Issue 9's kills: the operator dies between creating the master and the worker, and the
+    kubelet starts the master meanwhile. The worker was never created, so it was not lost: the
+    next operator creates it, and neither restarts the group nor fails the run (backoffLimit 1)."""
+    spec = make_spec(backoffLimit=1)
+    pods = make_pods(spec, attempt=restart_count, phases=("Running", "Running"))[:1]
+    status = TrainingRunStatus(phase=phase, restart_count=restart_count, start_time=rfc3339(NOW))
+    d = step(spec, status, pods)
+    assert d.create_group and not d.delete_pods
+    assert (d.status.phase, d.status.restart_count) == (phase, restart_count)
+
+
 def test_master_success_succeeds_and_reports_progress() -> None:
     spec = make_spec(cleanPodPolicy="Running")
     pods = make_pods(spec, phases=("Running", "Running"))
