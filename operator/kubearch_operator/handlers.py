@@ -72,7 +72,7 @@ from .api import (
 )
 from .peering import configure_peering
 from .status import invalid_spec, reconcile, rfc3339
-from .workqueue import Expectations, Outage, WorkQueue
+from .workqueue import Expectations, Outage, Versions, WorkQueue, retry_after_seconds
 
 log = logging.getLogger("kubearch.operator")
 
@@ -124,6 +124,7 @@ class _State:
     expectations: Expectations = field(default_factory=Expectations)
     specs: dict[tuple[str, Any], Any] = field(default_factory=dict)  # (uid, generation) -> plan|error
     phases: dict[RunKey, str] = field(default_factory=dict)
+    child_versions: Versions = field(default_factory=Versions)  # event loop only
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -336,9 +337,20 @@ def _forget(key: RunKey, body: dict[str, Any]) -> None:
 
 async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]) -> None:
     key = (namespace, labels.get(builders.RUN_LABEL, ""))
-    _state.expectations.observed(key, name)
-    # The initial listing needs no pass of its own: each run's own listing event queues it.
-    if event.get("type") is not None and key in _state.runs:
+    kind = event.get("type")
+    meta = (event.get("object") or {}).get("metadata") or {}
+    uid, version = str(meta.get("uid") or name), str(meta.get("resourceVersion") or "")
+    changed = False
+    if kind == "DELETED":
+        _state.child_versions.forget(uid)
+    else:
+        changed = _state.child_versions.changed(uid, version)
+    awaited = _state.expectations.observed(key, name)
+    # The initial listing needs no pass of its own: each run's own listing event queues it. A
+    # re-listing (the watch could not resume, kopf lists again) does, for the children that
+    # changed or appeared while the watch was down: no other event will ever bring them.
+    relisted = kind is None and (changed or awaited)
+    if (kind is not None or relisted) and key in _state.runs:
         _enqueue(key)
 
 
@@ -374,6 +386,7 @@ class Snapshot:
 class Outcome:
     requeue_after: float | None = None
     retry: bool = False  # an error: back off
+    retry_after: float = 0.0  # the API server's Retry-After (429): no pass of the run sooner
     gone: bool = False
     written: dict[str, Any] | None = None  # the run as the status write returned it
 
@@ -430,7 +443,7 @@ async def _process(key: RunKey, queue: WorkQueue, loop: asyncio.AbstractEventLoo
         queue.drop(key)
         return
     if outcome.retry:
-        queue.retry(key)
+        queue.retry(key, at_least=outcome.retry_after)
         return
     queue.forget(key)
     if outcome.requeue_after is not None:
@@ -477,6 +490,11 @@ def reconcile_run(snap: Snapshot) -> Outcome:
             log.debug("%s/%s: conflict, retrying: %s", *snap.key, err.reason)
         elif err.status == 404:  # the run is gone
             return Outcome(gone=True)
+        elif err.status == 429:  # throttled (API Priority and Fairness): wait as long as it says
+            wait = retry_after_seconds((err.headers or {}).get("Retry-After")) or 0.0
+            ERRORS.labels(kind="throttled").inc()
+            log.info("%s/%s: throttled by the API server; next try in %.0fs", *snap.key, wait)
+            return Outcome(retry=True, retry_after=wait)
         else:
             ERRORS.labels(kind=f"api{err.status}").inc()
             log.warning("%s/%s: reconcile failed: %s %s; will retry", *snap.key, err.status, err.reason)
