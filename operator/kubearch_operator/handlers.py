@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -72,7 +73,7 @@ from .api import (
 )
 from .peering import configure_peering
 from .status import invalid_spec, reconcile, rfc3339
-from .workqueue import Expectations, Outage, Versions, WorkQueue, retry_after_seconds
+from .workqueue import Expectations, Outage, Versions, WorkQueue, find_ghosts, retry_after_seconds
 
 log = logging.getLogger("kubearch.operator")
 
@@ -80,6 +81,9 @@ log = logging.getLogger("kubearch.operator")
 RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "600"))
 WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "8")))
 METRICS_PORT = int(os.environ.get("KUBEARCH_OPERATOR_METRICS_PORT", "8000"))
+#: Period (seconds) of the fallback sweep for children deleted while their watch was down (one
+#: LIST per child kind); 0 disables it. A re-listing that shows a known child sweeps at once.
+GHOST_SWEEP_SECONDS = float(os.environ.get("KUBEARCH_GHOST_SWEEP_SECONDS", "300"))
 
 RECONCILES = Counter("kubearch_operator_reconcile_total", "Reconcile passes by result.", ["result"])
 RECONCILE_SECONDS = Histogram(
@@ -107,6 +111,9 @@ ERRORS = Counter("kubearch_operator_errors_total", "Errors while reconciling, by
 CHILD_SELECTOR = f"{builders.APP_LABEL}={builders.APP},{builders.RUN_LABEL}"
 CHILD_LABELS = {builders.APP_LABEL: builders.APP, builders.RUN_LABEL: kopf.PRESENT}
 CHILD_RESOURCES = ("pods", "services", "configmaps")
+#: The kopf index of each child resource, and the kubernetes client's name for it.
+CHILD_INDEX = {"pods": "kubearch_pods", "services": "kubearch_services", "configmaps": "kubearch_configmaps"}
+CHILD_KIND = {"pods": "pod", "services": "service", "configmaps": "config_map"}
 
 RunKey = tuple[str, str]
 
@@ -124,7 +131,12 @@ class _State:
     expectations: Expectations = field(default_factory=Expectations)
     specs: dict[tuple[str, Any], Any] = field(default_factory=dict)  # (uid, generation) -> plan|error
     phases: dict[RunKey, str] = field(default_factory=dict)
-    child_versions: Versions = field(default_factory=Versions)  # event loop only
+    #: resourceVersion of every child by resource (event loop only): which changed in a re-listing
+    child_versions: dict[str, Versions] = field(
+        default_factory=lambda: {plural: Versions() for plural in CHILD_RESOURCES}
+    )
+    ghosts: set[str] = field(default_factory=set)  # uids kopf's indexes keep after their deletion
+    sweeps: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -197,13 +209,17 @@ async def start_workers(**_: Any) -> None:
     _state.tasks = [asyncio.create_task(_worker(i)) for i in range(WORKERS)]
     if RESYNC_SECONDS > 0:
         _state.tasks.append(asyncio.create_task(_safety_resync(RESYNC_SECONDS)))
+    if GHOST_SWEEP_SECONDS > 0:
+        _state.tasks.append(asyncio.create_task(_periodic_sweeps(GHOST_SWEEP_SECONDS)))
 
 
 @kopf.on.cleanup()
 async def stop_workers(**_: Any) -> None:
-    for task in _state.tasks:
+    tasks = [*_state.tasks, *_state.sweeps.values()]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*_state.tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _state.sweeps.clear()
     _state.tasks = []
     if _state.pool is not None:
         _state.pool.shutdown(wait=False, cancel_futures=True)
@@ -335,16 +351,22 @@ def _forget(key: RunKey, body: dict[str, Any]) -> None:
     _record_phase(key, None)
 
 
-async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]) -> None:
+async def _on_child_event(
+    plural: str, event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]
+) -> None:
     key = (namespace, labels.get(builders.RUN_LABEL, ""))
     kind = event.get("type")
     meta = (event.get("object") or {}).get("metadata") or {}
     uid, version = str(meta.get("uid") or name), str(meta.get("resourceVersion") or "")
+    versions = _state.child_versions[plural]
     changed = False
     if kind == "DELETED":
-        _state.child_versions.forget(uid)
+        versions.forget(uid)
+        _state.ghosts.discard(uid)
     else:
-        changed = _state.child_versions.changed(uid, version)
+        if kind is None and versions.seen(uid):  # a re-listing: look for what it no longer shows
+            _start_sweep(plural)
+        changed = versions.changed(uid, version)
     awaited = _state.expectations.observed(key, name)
     # The initial listing needs no pass of its own: each run's own listing event queues it. A
     # re-listing (the watch could not resume, kopf lists again) does, for the children that
@@ -357,14 +379,77 @@ async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labe
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)
 async def on_pod_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
     """A pod of a run changed (phase, exit, deletion): reconcile its run."""
-    await _on_child_event(event, namespace, name, labels)
+    await _on_child_event("pods", event, namespace, name, labels)
 
 
 @kopf.on.event("v1", "services", labels=CHILD_LABELS)
+async def on_service_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A Service of a run changed or went away: re-ensure it."""
+    await _on_child_event("services", event, namespace, name, labels)
+
+
 @kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
-async def on_child_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
-    """A Service or ConfigMap of a run changed or went away: re-ensure it."""
-    await _on_child_event(event, namespace, name, labels)
+async def on_configmap_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A ConfigMap of a run changed or went away: re-ensure it."""
+    await _on_child_event("configmaps", event, namespace, name, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# children deleted while their watch was down (kopf keeps them in its indexes)
+# ------------------------------------------------------------------------------------------------
+def _start_sweep(plural: str) -> None:
+    """One sweep per re-listing: the first known child it shows starts it."""
+    task = _state.sweeps.get(plural)
+    if task is None or task.done():
+        _state.sweeps[plural] = asyncio.get_running_loop().create_task(_sweep(plural))
+
+
+def _list_children(plural: str) -> tuple[set[str], int]:
+    """uids of every kubearch child of ``plural`` now, and the LIST's resourceVersion."""
+    lister = getattr(_clients["core"], f"list_{CHILD_KIND[plural]}_for_all_namespaces")
+    response = lister(label_selector=CHILD_SELECTOR, _preload_content=False)
+    body = json.loads(response.data)
+    uids = {str((item.get("metadata") or {}).get("uid")) for item in body.get("items") or []}
+    return uids, int((body.get("metadata") or {}).get("resourceVersion") or -1)
+
+
+def _child_uid(value: dict[str, Any]) -> str:
+    return str(value.get("uid") or (value.get("metadata") or {}).get("uid") or "")
+
+
+async def _sweep(plural: str) -> None:
+    """Mark as ghosts the indexed children a fresh LIST no longer shows, and queue their runs."""
+    index = _state.indexes.get(CHILD_INDEX[plural])
+    if index is None or _state.pool is None:
+        return
+    try:
+        listed, listed_at = await asyncio.get_running_loop().run_in_executor(
+            _state.pool, _list_children, plural
+        )
+    except (ApiException, *CONNECTION_ERRORS) as err:
+        log.info("could not list %s to look for deleted children: %s", plural, err)
+        return
+    versions = _state.child_versions[plural]
+    cached = [
+        (key, uid, versions.version(uid))
+        for key, store in list(index.items())
+        for value in store
+        if (uid := _child_uid(value)) and uid not in _state.ghosts
+    ]
+    for key, uid in find_ghosts(cached, listed, listed_at):
+        log.info("%s/%s: a %s deleted while its watch was down; reconciling", *key, plural[:-1])
+        _state.ghosts.add(uid)
+        versions.forget(uid)
+        if key in _state.runs:
+            _enqueue(key)
+
+
+async def _periodic_sweeps(period: float) -> None:
+    """The fallback for a re-listing that shows no known child (all were deleted meanwhile)."""
+    while True:
+        await asyncio.sleep(period)
+        for plural in CHILD_RESOURCES:
+            await _sweep(plural)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,9 +477,12 @@ class Outcome:
 
 
 def _index_values(name: str, key: RunKey) -> list[dict[str, Any]]:
+    """What kopf's index holds for ``key``, without the ghosts (see :func:`_sweep`)."""
     index = _state.indexes.get(name)
     store = index.get(key) if index is not None else None
-    return list(store) if store is not None else []
+    if store is None:
+        return []
+    return [v for v in store if not _state.ghosts or _child_uid(v) not in _state.ghosts]
 
 
 async def _worker(number: int) -> None:

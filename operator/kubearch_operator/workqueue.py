@@ -232,8 +232,33 @@ class Versions:
     def forget(self, uid: str) -> None:
         self._seen.pop(uid, None)
 
+    def seen(self, uid: str) -> bool:
+        return uid in self._seen
+
+    def version(self, uid: str) -> int:
+        """The last version seen as an int (etcd's revision), -1 if unknown."""
+        try:
+            return int(self._seen.get(uid) or -1)
+        except ValueError:
+            return -1
+
     def __len__(self) -> int:
         return len(self._seen)
+
+
+def find_ghosts(
+    cached: Iterable[tuple[Key, str, int]], listed: Iterable[str], listed_at: int
+) -> list[tuple[Key, str]]:
+    """``(key, uid)`` of cached objects that a fresh LIST (at resourceVersion ``listed_at``)
+    does not show and that are not newer than that LIST: deleted while their watch was down.
+
+    Why: kopf re-lists after a watch cannot resume (410) but never drops from its indexes the
+    objects that the re-listing no longer shows (client-go's informers do, with
+    ``DeletedFinalStateUnknown``); a Service deleted during the gap would stay "present" in the
+    cache for good and never be recreated. Objects newer than the LIST came after it: not ghosts.
+    """
+    shown = set(listed)
+    return [(key, uid) for key, uid, version in cached if uid not in shown and 0 <= version <= listed_at]
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -288,3 +288,29 @@ def test_search_creates_each_trial_once_when_watch_streams_are_cut(
     assert status["trialCounts"]["total"] == len(values)
     creates = [s for s in faults.requests("POST", rf"/namespaces/{ns}/trainingruns$") if s.status == 201]
     assert len(creates) == len(values)
+
+
+def test_a_child_deleted_while_its_watch_cannot_resume_is_recreated(
+    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+) -> None:
+    """Services and ConfigMaps deleted while their streams are down and can resume only into
+    410: their DELETED events are gone for good, and kopf's re-listing does not drop them from its
+    indexes. The operator must notice (a fresh LIST) and recreate them."""
+    kube, ns = installed, namespace
+    names = [f"ghost-{i}" for i in range(4)]
+    for n in names:
+        create_run(kube, ns, n, spec(nodes=1))
+    wait_for(lambda: complete(kube, ns, names, 1), timeout=60, interval=0.5, what="pod + children per run")
+    deleted = names[:3]  # ghost-3 keeps its children: the re-listing shows a known object
+    old = {n: kube.core.read_namespaced_service(n, ns).metadata.uid for n in deleted}
+    cut(faults, "/(services|configmaps)$", refuse_for=3.0, expire=True)
+    for n in deleted:
+        kube.core.delete_namespaced_service(n, ns)
+        kube.core.delete_namespaced_config_map(f"{n}-config", ns)
+
+    def recreated() -> bool:
+        return all(kube.core.read_namespaced_service(n, ns).metadata.uid != old[n] for n in deleted)
+
+    wait_for(recreated, timeout=30, interval=0.5, what="every deleted Service recreated")
+    wait_for(lambda: complete(kube, ns, names, 1), timeout=30, interval=0.5, what="children owned again")
+    assert [s for s in faults.requests("GET", "/(services|configmaps)$") if s.status == 410]

@@ -11,7 +11,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from kubearch_operator import refusals
 from kubearch_operator.api import parse_status
-from kubearch_operator.workqueue import Expectations, Outage, Versions, WorkQueue, retry_after_seconds
+from kubearch_operator.workqueue import (
+    Expectations,
+    Outage,
+    Versions,
+    WorkQueue,
+    find_ghosts,
+    retry_after_seconds,
+)
 
 
 def run(coro):
@@ -126,6 +133,17 @@ def test_versions_tell_a_relisted_object_that_changed_from_one_that_did_not() ->
     assert v.changed("u1", "12")  # changed while the watch was down
     v.forget("u1")
     assert not v.changed("u1", "15") and len(v) == 1
+
+
+def test_ghosts_are_cached_objects_a_fresh_list_no_longer_shows() -> None:
+    cached = [
+        ("run-a", "u1", 10),  # listed: alive
+        ("run-a", "u2", 11),  # not listed, older than the list: deleted while the watch was down
+        ("run-b", "u3", 30),  # not listed, newer than the list: created after it, alive
+        ("run-b", "u4", -1),  # version unknown: not judged
+    ]
+    assert find_ghosts(cached, {"u1"}, listed_at=20) == [("run-a", "u2")]
+    assert find_ghosts(cached, {"u1", "u2", "u3", "u4"}, listed_at=40) == []
 
 
 def test_expectations_report_whether_a_name_was_awaited() -> None:
