@@ -15,11 +15,9 @@ import itertools
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Kube, Operator
 from controlplane import wait_for
 from fault_proxy import FaultProxy
 from test_operator_faults import children_owned_by, owner_uids, uid_of
@@ -35,28 +33,16 @@ from test_search_integration import (
 )
 
 
-class ProxiedOperator(Operator):
-    """The conftest operator with a kubeconfig whose server is the proxy (same CA, same token)."""
+def log_size(op: Any) -> int:
+    return len(op.log_path.read_text(errors="replace")) if op.log_path.exists() else 0
 
-    def __init__(self, kube: Kube, workdir: Path, proxy: FaultProxy) -> None:
-        self.proxy = proxy
-        super().__init__(kube, workdir)
 
-    def _kubeconfig(self) -> Path:
-        path = super()._kubeconfig()
-        assert self.kube.local is not None
-        path.write_text(path.read_text().replace(self.kube.local.server, self.proxy.server))
-        return path
-
-    def log_since(self, offset: int) -> str:
-        return self.log_path.read_text(errors="replace")[offset:]
-
-    def log_size(self) -> int:
-        return len(self.log_path.read_text(errors="replace")) if self.log_path.exists() else 0
+def log_since(op: Any, offset: int) -> str:
+    return op.log_path.read_text(errors="replace")[offset:]
 
 
 @pytest.fixture(scope="module")
-def proxy(installed: Kube) -> Iterator[FaultProxy]:
+def proxy(installed: Any) -> Iterator[FaultProxy]:
     plane = installed.local
     if plane is None:
         pytest.skip("the fault proxy serves the local control plane's certificate (not --cluster)")
@@ -66,10 +52,13 @@ def proxy(installed: Kube) -> Iterator[FaultProxy]:
 
 @pytest.fixture(scope="module")
 def proxied(
-    installed: Kube, operator: Operator, proxy: FaultProxy, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ProxiedOperator]:
+    installed: Any, operator: Any, proxy: FaultProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """conftest's operator class with a kubeconfig whose server is the proxy (same CA, same token;
+    the class comes from the fixture: importing conftest by name could find another conftest)."""
     operator.stop()  # the session's operator would reconcile the same runs around the proxy
-    op = ProxiedOperator(installed, tmp_path_factory.mktemp("proxied-operator"), proxy)
+    op = type(operator)(installed, tmp_path_factory.mktemp("proxied-operator"))
+    op.kubeconfig.write_text(op.kubeconfig.read_text().replace(installed.local.server, proxy.server))
     try:
         op.start()
         yield op
@@ -80,14 +69,14 @@ def proxied(
 
 
 @pytest.fixture
-def faults(proxied: ProxiedOperator, proxy: FaultProxy) -> Iterator[FaultProxy]:
+def faults(proxied: Any, proxy: FaultProxy) -> Iterator[FaultProxy]:
     proxy.clear()
     wait_for(proxy.open_watches, timeout=30, what="the operator's watch streams through the proxy")
     yield proxy
     proxy.clear()
 
 
-def complete(kube: Kube, ns: str, names: list[str], count: int) -> bool:
+def complete(kube: Any, ns: str, names: list[str], count: int) -> bool:
     """Every run has exactly ``count`` pods of attempt 0 (none being deleted, none extra), and its
     own Service and ConfigMap."""
     for n in names:
@@ -120,12 +109,12 @@ def warnings(log: str) -> list[str]:
 # 500 / 503 on pod creation
 # ------------------------------------------------------------------------------------------------
 def test_pod_creation_failing_for_a_while_ends_with_exactly_the_runs_children(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     """Eight 500s, then four 503s that come *after* the API server created the pod (the answer is
     lost): every run still ends with exactly its two pods, Service and ConfigMap."""
     kube, ns = installed, namespace
-    offset = proxied.log_size()
+    offset = log_size(proxied)
     pods_path = rf"/namespaces/{ns}/pods$"
     refused = faults.inject("POST", pods_path, 500, times=8)
     lost = faults.inject("POST", pods_path, 503, times=4, after_forward=True)
@@ -144,7 +133,7 @@ def test_pod_creation_failing_for_a_while_ends_with_exactly_the_runs_children(
     # the API server created exactly the 12 pods, whatever the operator was told.
     assert sum(1 for s in creates if s.upstream == 201) == 12
     assert any(s.injected and s.upstream == 201 for s in creates)  # an answer really was lost
-    log = proxied.log_since(offset)
+    log = log_since(proxied, offset)
     assert "Traceback" not in log, log[-3000:]
     failures = [ln for ln in warnings(log) if "reconcile failed" in ln]
     assert any(" 500 " in ln for ln in failures) and any(" 503 " in ln for ln in failures), failures
@@ -155,7 +144,7 @@ def test_pod_creation_failing_for_a_while_ends_with_exactly_the_runs_children(
 # 409 on the status write
 # ------------------------------------------------------------------------------------------------
 def test_status_converges_after_conflicts_on_every_status_write(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     kube, ns, run = installed, namespace, "contested"
     create_run(kube, ns, run, spec(nodes=1))
@@ -189,7 +178,7 @@ RETRY_AFTER = 2
 
 
 def test_throttled_creates_back_off_as_told_and_finish_afterwards(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     kube, ns = installed, namespace
     creates = rf"/namespaces/{ns}/(pods|services|configmaps)$"
@@ -216,7 +205,7 @@ def test_throttled_creates_back_off_as_told_and_finish_afterwards(
 # dropped watch streams
 # ------------------------------------------------------------------------------------------------
 def test_no_event_is_lost_when_watch_streams_are_cut(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     """Streams cut while runs are created and while their pods change phase, once refused for a
     while, once resumed only after a ``410 Gone`` (the operator must list again): every run gets
@@ -252,7 +241,7 @@ def test_no_event_is_lost_when_watch_streams_are_cut(
 
 
 def test_search_creates_each_trial_once_when_watch_streams_are_cut(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     kube, ns, name = installed, namespace, "cut-search"
     values = [0.001, 0.002, 0.003, 0.004]
@@ -291,7 +280,7 @@ def test_search_creates_each_trial_once_when_watch_streams_are_cut(
 
 
 def test_a_child_deleted_while_its_watch_cannot_resume_is_recreated(
-    installed, proxied: ProxiedOperator, faults: FaultProxy, namespace: str
+    installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
     """Services and ConfigMaps deleted while their streams are down and can resume only into
     410: their DELETED events are gone for good, and kopf's re-listing does not drop them from its
