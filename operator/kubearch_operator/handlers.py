@@ -73,7 +73,15 @@ from .api import (
 )
 from .peering import configure_peering
 from .status import invalid_spec, reconcile, rfc3339
-from .workqueue import Expectations, Outage, Versions, WorkQueue, find_ghosts, retry_after_seconds
+from .workqueue import (
+    EndlessBackoffs,
+    Expectations,
+    Outage,
+    Versions,
+    WorkQueue,
+    find_ghosts,
+    retry_after_seconds,
+)
 
 log = logging.getLogger("kubearch.operator")
 
@@ -190,6 +198,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_peering(settings, os.environ)  # --peering wins over KUBEARCH_PEERING (peering.py)
     settings.posting.level = logging.WARNING  # kopf's own per-handler events stay out of `describe`
     settings.watching.server_timeout = 300
+    # API errors (5xx) are retried for as long as they last; kopf's default gives up after 54 s
+    # and a watch that gives up ends the operator (workqueue.EndlessBackoffs).
+    settings.networking.error_backoffs = EndlessBackoffs()
     # kopf applies a handler's `labels=` filter client-side, after every pod of the cluster has
     # streamed in; this selector makes the API server filter the children's watches instead.
     for plural in CHILD_RESOURCES:

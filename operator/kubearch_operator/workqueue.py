@@ -36,7 +36,7 @@ import email.utils
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -244,6 +244,26 @@ class Versions:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class EndlessBackoffs:
+    """Delays for kopf's retries of API errors that never run out (``networking.error_backoffs``).
+
+    Why: kopf retries a request failing with 5xx (or 403, a refused connection) with the delays
+    it is given and then raises; for a watch stream that error ends the operator (kopf's default,
+    1+1+2+...+21 s, is 54 s: measured, an API server answering 503 for 55 s made the operator
+    exit 1). An API server that answers 5xx for a minute (etcd away, an overloaded apiserver) is
+    an outage to wait out, as a refused connection already is. Iterable but not ``Sized``: kopf
+    then counts no last attempt, and every request iterates afresh.
+    """
+
+    def __init__(self, first: Iterable[float] = (1, 1, 2, 3, 5, 8, 13, 21), then: float = 30.0) -> None:
+        self.first, self.then = tuple(first), then
+
+    def __iter__(self) -> Iterator[float]:
+        yield from self.first
+        while True:
+            yield self.then
 
 
 def find_ghosts(

@@ -12,6 +12,7 @@ import pytest
 from kubearch_operator import refusals
 from kubearch_operator.api import parse_status
 from kubearch_operator.workqueue import (
+    EndlessBackoffs,
     Expectations,
     Outage,
     Versions,
@@ -144,6 +145,20 @@ def test_ghosts_are_cached_objects_a_fresh_list_no_longer_shows() -> None:
     ]
     assert find_ghosts(cached, {"u1"}, listed_at=20) == [("run-a", "u2")]
     assert find_ghosts(cached, {"u1", "u2", "u3", "u4"}, listed_at=40) == []
+
+
+def test_kopf_retries_api_errors_without_end_and_each_request_afresh() -> None:
+    """kopf gives up after its last delay when the delays are Sized; a watch that gives up ends
+    the operator (a 503 for 55 s did). The delays must not run out, nor be shared between
+    requests (an iterator would be consumed by the first request)."""
+    from collections.abc import Iterable, Sized
+    from itertools import islice
+
+    backoffs = EndlessBackoffs()
+    assert isinstance(backoffs, Iterable) and not isinstance(backoffs, Sized)
+    first = list(islice(backoffs, 200))
+    assert len(first) == 200 and first[:8] == [1, 1, 2, 3, 5, 8, 13, 21] and max(first) == 30.0
+    assert list(islice(backoffs, 3)) == [1, 1, 2]  # a second request starts from the beginning
 
 
 def test_expectations_report_whether_a_name_was_awaited() -> None:
