@@ -303,3 +303,41 @@ def test_a_child_deleted_while_its_watch_cannot_resume_is_recreated(
     wait_for(recreated, timeout=30, interval=0.5, what="every deleted Service recreated")
     wait_for(lambda: complete(kube, ns, names, 1), timeout=30, interval=0.5, what="children owned again")
     assert [s for s in faults.requests("GET", "/(services|configmaps)$") if s.status == 410]
+
+
+def test_search_creates_each_trial_once_when_creates_fail_or_their_answer_is_lost(
+    installed, proxied: Any, faults: FaultProxy, namespace: str
+) -> None:
+    """Trial creates answered 500 (not created), then 503 after the API server created the trial
+    (the answer is lost): every trial exists exactly once, with its own parameters."""
+    kube, ns, name = installed, namespace, "flaky-search"
+    values = [0.001, 0.002, 0.003]
+    runs_path = rf"/namespaces/{ns}/trainingruns$"
+    failed = faults.inject("POST", runs_path, 500, times=2)
+    lost = faults.inject("POST", runs_path, 503, times=2, after_forward=True)
+    spec_ = {
+        "trialTemplate": template(),
+        "searchSpace": [{"path": "training.learningRate", "values": values}],
+        "budget": {"parallelTrials": 3},
+    }
+    create_search(kube, ns, name, spec_)
+    done: set[str] = set()
+    while len(done) < len(values):
+
+        def ready() -> dict[str, Any] | None:
+            for t in unfinished(kube, ns, name):
+                trial = t["metadata"]["name"]
+                if trial not in done and pods(kube, ns, trial):
+                    return t
+            return None
+
+        trial = wait_for(ready, timeout=30, what=f"a new trial with its pod (done: {sorted(done)})")
+        succeed(kube, ns, trial["metadata"]["name"], 10, 1.0 + len(done))
+        done.add(trial["metadata"]["name"])
+    status = wait_search_phase(kube, ns, name, "Succeeded")
+    assert (failed.injected, lost.injected) == (2, 2)
+    runs = trials(kube, ns, name)
+    assert sorted(params(t)["training.learningRate"] for t in runs) == values
+    assert status["trialCounts"]["total"] == len(values)
+    created = [s for s in faults.requests("POST", runs_path) if s.upstream == 201]
+    assert len(created) == len(values)  # the API server made each trial once
