@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -75,7 +76,15 @@ from .api import (
 from .peering import configure_peering
 from .rawapi import CoreWrites
 from .status import invalid_spec, reconcile, rfc3339
-from .workqueue import Expectations, Outage, WorkQueue
+from .workqueue import (
+    EndlessBackoffs,
+    Expectations,
+    Outage,
+    Versions,
+    WorkQueue,
+    find_ghosts,
+    retry_after_seconds,
+)
 
 log = logging.getLogger("kubearch.operator")
 
@@ -83,6 +92,11 @@ log = logging.getLogger("kubearch.operator")
 RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "600"))
 WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "8")))
 METRICS_PORT = int(os.environ.get("KUBEARCH_OPERATOR_METRICS_PORT", "8000"))
+#: Period (seconds) of the fallback sweep for children deleted while their watch was down (one
+#: LIST per child kind); 0 disables it. A re-listing that shows a known child sweeps at once.
+#: Accept header of a metadata-only LIST (the API server answers a PartialObjectMetadataList).
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+GHOST_SWEEP_SECONDS = float(os.environ.get("KUBEARCH_GHOST_SWEEP_SECONDS", "300"))
 
 RECONCILES = Counter("kubearch_operator_reconcile_total", "Reconcile passes by result.", ["result"])
 RECONCILE_SECONDS = Histogram(
@@ -112,6 +126,9 @@ ERRORS = Counter("kubearch_operator_errors_total", "Errors while reconciling, by
 CHILD_SELECTOR = f"{builders.APP_LABEL}={builders.APP},{builders.RUN_LABEL}"
 CHILD_LABELS = {builders.APP_LABEL: builders.APP, builders.RUN_LABEL: kopf.PRESENT}
 CHILD_RESOURCES = ("pods", "services", "configmaps")
+#: The kopf index of each child resource, and the kubernetes client's name for it.
+CHILD_INDEX = {"pods": "kubearch_pods", "services": "kubearch_services", "configmaps": "kubearch_configmaps"}
+CHILD_KIND = {"pods": "pod", "services": "service", "configmaps": "config_map"}
 
 RunKey = tuple[str, str]
 
@@ -133,6 +150,12 @@ class _State:
     phases: dict[RunKey, str] = field(default_factory=dict)
     #: runs per phase, kept as phases change (the gauge is not recounted over every run per pass)
     phase_counts: dict[str, int] = field(default_factory=dict)
+    #: resourceVersion of every child by resource (event loop only): which changed in a re-listing
+    child_versions: dict[str, Versions] = field(
+        default_factory=lambda: {plural: Versions() for plural in CHILD_RESOURCES}
+    )
+    ghosts: set[str] = field(default_factory=set)  # uids kopf's indexes keep after their deletion
+    sweeps: dict[str, asyncio.Task] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -221,6 +244,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_peering(settings, os.environ)  # --peering wins over KUBEARCH_PEERING (peering.py)
     settings.posting.level = logging.WARNING  # kopf's own per-handler events stay out of `describe`
     settings.watching.server_timeout = 300
+    # API errors (5xx) are retried for as long as they last; kopf's default gives up after 54 s
+    # and a watch that gives up ends the operator (workqueue.EndlessBackoffs).
+    settings.networking.error_backoffs = EndlessBackoffs()
     # kopf applies a handler's `labels=` filter client-side, after every pod of the cluster has
     # streamed in; this selector makes the API server filter the children's watches instead.
     for plural in CHILD_RESOURCES:
@@ -240,13 +266,17 @@ async def start_workers(**_: Any) -> None:
     _state.tasks = [asyncio.create_task(_worker(i)) for i in range(WORKERS)]
     if RESYNC_SECONDS > 0:
         _state.tasks.append(asyncio.create_task(_safety_resync(RESYNC_SECONDS)))
+    if GHOST_SWEEP_SECONDS > 0:
+        _state.tasks.append(asyncio.create_task(_periodic_sweeps(GHOST_SWEEP_SECONDS)))
 
 
 @kopf.on.cleanup()
 async def stop_workers(**_: Any) -> None:
-    for task in _state.tasks:
+    tasks = [*_state.tasks, *_state.sweeps.values()]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*_state.tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _state.sweeps.clear()
     _state.tasks = []
     if _state.pool is not None:
         _state.pool.shutdown(wait=False, cancel_futures=True)
@@ -383,11 +413,28 @@ def _forget(key: RunKey, body: dict[str, Any]) -> None:
     _record_phase(key, None)
 
 
-async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]) -> None:
+async def _on_child_event(
+    plural: str, event: dict[str, Any], namespace: str, name: str, labels: dict[str, str]
+) -> None:
     key = (namespace, labels.get(builders.RUN_LABEL, ""))
-    _state.expectations.observed(key, name)
-    # The initial listing needs no pass of its own: each run's own listing event queues it.
-    if event.get("type") is not None and key in _state.runs:
+    kind = event.get("type")
+    meta = (event.get("object") or {}).get("metadata") or {}
+    uid, version = str(meta.get("uid") or name), str(meta.get("resourceVersion") or "")
+    versions = _state.child_versions[plural]
+    changed = False
+    if kind == "DELETED":
+        versions.forget(uid)
+        _state.ghosts.discard(uid)
+    else:
+        if kind is None and versions.seen(uid):  # a re-listing: look for what it no longer shows
+            _start_sweep(plural)
+        changed = versions.changed(uid, version)
+    awaited = _state.expectations.observed(key, name)
+    # The initial listing needs no pass of its own: each run's own listing event queues it. A
+    # re-listing (the watch could not resume, kopf lists again) does, for the children that
+    # changed or appeared while the watch was down: no other event will ever bring them.
+    relisted = kind is None and (changed or awaited)
+    if (kind is not None or relisted) and key in _state.runs:
         crashpoint.reached("child-event", key)
         _enqueue(key)
 
@@ -395,14 +442,85 @@ async def _on_child_event(event: dict[str, Any], namespace: str, name: str, labe
 @kopf.on.event("v1", "pods", labels=CHILD_LABELS)
 async def on_pod_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
     """A pod of a run changed (phase, exit, deletion): reconcile its run."""
-    await _on_child_event(event, namespace, name, labels)
+    await _on_child_event("pods", event, namespace, name, labels)
 
 
 @kopf.on.event("v1", "services", labels=CHILD_LABELS)
+async def on_service_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A Service of a run changed or went away: re-ensure it."""
+    await _on_child_event("services", event, namespace, name, labels)
+
+
 @kopf.on.event("v1", "configmaps", labels=CHILD_LABELS)
-async def on_child_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
-    """A Service or ConfigMap of a run changed or went away: re-ensure it."""
-    await _on_child_event(event, namespace, name, labels)
+async def on_configmap_event(event: dict[str, Any], namespace: str, name: str, labels: Any, **_: Any) -> None:
+    """A ConfigMap of a run changed or went away: re-ensure it."""
+    await _on_child_event("configmaps", event, namespace, name, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# children deleted while their watch was down (kopf keeps them in its indexes)
+# ------------------------------------------------------------------------------------------------
+def _start_sweep(plural: str) -> None:
+    """One sweep per re-listing: the first known child it shows starts it."""
+    task = _state.sweeps.get(plural)
+    if task is None or task.done():
+        _state.sweeps[plural] = asyncio.get_running_loop().create_task(_sweep(plural))
+
+
+def _list_children(plural: str) -> tuple[set[str], int]:
+    """uids of every kubearch child of ``plural`` now, and the LIST's resourceVersion.
+
+    Metadata only (``PartialObjectMetadataList``, as kubectl's and client-go's metadata informers
+    ask): at 10,000 runs a full pod LIST is tens of MB to serialise and parse, the uids are bytes.
+    """
+    lister = getattr(_clients["core"], f"list_{CHILD_KIND[plural]}_for_all_namespaces")
+    response = lister(
+        label_selector=CHILD_SELECTOR,
+        _preload_content=False,
+        _headers={"Accept": METADATA_ONLY},
+    )
+    body = json.loads(response.data)
+    uids = {str((item.get("metadata") or {}).get("uid")) for item in body.get("items") or []}
+    return uids, int((body.get("metadata") or {}).get("resourceVersion") or -1)
+
+
+def _child_uid(value: dict[str, Any]) -> str:
+    return str(value.get("uid") or (value.get("metadata") or {}).get("uid") or "")
+
+
+async def _sweep(plural: str) -> None:
+    """Mark as ghosts the indexed children a fresh LIST no longer shows, and queue their runs."""
+    index = _state.indexes.get(CHILD_INDEX[plural])
+    if index is None or _state.pool is None:
+        return
+    try:
+        listed, listed_at = await asyncio.get_running_loop().run_in_executor(
+            _state.pool, _list_children, plural
+        )
+    except (ApiException, *CONNECTION_ERRORS) as err:
+        log.info("could not list %s to look for deleted children: %s", plural, err)
+        return
+    versions = _state.child_versions[plural]
+    cached = [
+        (key, uid, versions.version(uid))
+        for key, store in list(index.items())
+        for value in store
+        if (uid := _child_uid(value)) and uid not in _state.ghosts
+    ]
+    for key, uid in find_ghosts(cached, listed, listed_at):
+        log.info("%s/%s: a %s deleted while its watch was down; reconciling", *key, plural[:-1])
+        _state.ghosts.add(uid)
+        versions.forget(uid)
+        if key in _state.runs:
+            _enqueue(key)
+
+
+async def _periodic_sweeps(period: float) -> None:
+    """The fallback for a re-listing that shows no known child (all were deleted meanwhile)."""
+    while True:
+        await asyncio.sleep(period)
+        for plural in CHILD_RESOURCES:
+            await _sweep(plural)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,14 +542,18 @@ class Snapshot:
 class Outcome:
     requeue_after: float | None = None
     retry: bool = False  # an error: back off
+    retry_after: float = 0.0  # the API server's Retry-After (429): no pass of the run sooner
     gone: bool = False
     written: dict[str, Any] | None = None  # the run as the status write returned it
 
 
 def _index_values(name: str, key: RunKey) -> list[dict[str, Any]]:
+    """What kopf's index holds for ``key``, without the ghosts (see :func:`_sweep`)."""
     index = _state.indexes.get(name)
     store = index.get(key) if index is not None else None
-    return list(store) if store is not None else []
+    if store is None:
+        return []
+    return [v for v in store if not _state.ghosts or _child_uid(v) not in _state.ghosts]
 
 
 async def _worker(number: int) -> None:
@@ -480,7 +602,7 @@ async def _process(key: RunKey, queue: WorkQueue, loop: asyncio.AbstractEventLoo
         queue.drop(key)
         return
     if outcome.retry:
-        queue.retry(key)
+        queue.retry(key, at_least=outcome.retry_after)
         return
     queue.forget(key)
     if outcome.requeue_after is not None:
@@ -527,6 +649,11 @@ def reconcile_run(snap: Snapshot) -> Outcome:
             log.debug("%s/%s: conflict, retrying: %s", *snap.key, err.reason)
         elif err.status == 404:  # the run is gone
             return Outcome(gone=True)
+        elif err.status == 429:  # throttled (API Priority and Fairness): wait as long as it says
+            wait = retry_after_seconds((err.headers or {}).get("Retry-After")) or 0.0
+            ERRORS.labels(kind="throttled").inc()
+            log.info("%s/%s: throttled by the API server; next try in %.0fs", *snap.key, wait)
+            return Outcome(retry=True, retry_after=wait)
         else:
             ERRORS.labels(kind=f"api{err.status}").inc()
             log.warning("%s/%s: reconcile failed: %s %s; will retry", *snap.key, err.status, err.reason)

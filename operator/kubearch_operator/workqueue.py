@@ -12,7 +12,10 @@ its watch events arrives, and lets a fixed number of workers reconcile keys from
   processed is queued again when that pass ends (so the event is never lost);
 * **delayed adds** (``add_after``): deadline and TTL wake-ups, and error back-off, without a
   periodic resync;
-* **per-key back-off** (``retry``): exponential, reset by ``forget`` after a successful pass.
+* **per-key back-off** (``retry``): exponential, reset by ``forget`` after a successful pass;
+  ``retry(key, at_least=...)`` also *holds* the key: when the API server answered 429 with
+  ``Retry-After``, no pass of that key runs sooner, not even one an event asks for (client-go's
+  REST client honours Retry-After itself; the python client does not).
 
 :class:`Expectations` is the Job controller's guard against a stale cache: a pass that created
 pods records their names; the key's next pass waits until the watch has shown them (or a
@@ -28,10 +31,12 @@ it is unit-tested without a cluster.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import logging
 import threading
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -49,6 +54,7 @@ class WorkQueue:
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._failures: dict[Key, int] = {}
         self._enqueued_at: dict[Key, float] = {}
+        self._held_until: dict[Key, float] = {}  # loop time before which the key must not run
         self.base_delay, self.max_delay = base_delay, max_delay
         self._loop = asyncio.get_running_loop()
 
@@ -56,7 +62,15 @@ class WorkQueue:
         return len(self._queued)
 
     def add(self, key: Key) -> None:
-        """Reconcile ``key`` soon (once, however often it is added before a worker takes it)."""
+        """Reconcile ``key`` soon (once, however often it is added before a worker takes it);
+        a held key (see :meth:`retry`) no sooner than its hold ends."""
+        held = self._held_until.get(key)
+        if held is not None:
+            left = held - self._loop.time()
+            if left > 0:
+                self.add_after(key, left)
+                return
+            del self._held_until[key]
         if key in self._processing:
             self._dirty.add(key)
             return
@@ -86,11 +100,20 @@ class WorkQueue:
         self._timers.pop(key, None)
         self.add(key)
 
-    def retry(self, key: Key) -> float:
-        """Re-add after an error with exponential back-off; returns the delay chosen."""
+    def retry(self, key: Key, at_least: float = 0.0) -> float:
+        """Re-add after an error with exponential back-off; returns the delay chosen.
+
+        ``at_least``: the server's ``Retry-After``; the key is held that long (events that add
+        it meanwhile wait for the hold to end), so a throttled API server sees no earlier try.
+        """
         n = self._failures.get(key, 0)
         self._failures[key] = n + 1
-        delay = min(self.max_delay, self.base_delay * 2**n)
+        delay = max(at_least, min(self.max_delay, self.base_delay * 2**n))
+        if at_least > 0:
+            self._held_until[key] = self._loop.time() + at_least
+            timer = self._timers.pop(key, None)  # an earlier wake-up would only be re-held
+            if timer is not None:
+                timer.cancel()
         self.add_after(key, delay)
         return delay
 
@@ -105,6 +128,7 @@ class WorkQueue:
         if timer is not None:
             timer.cancel()
         self._failures.pop(key, None)
+        self._held_until.pop(key, None)
 
     async def get(self) -> tuple[Key, float]:
         """The next key to reconcile and how long it waited in the queue; marks it processing."""
@@ -156,14 +180,17 @@ class Expectations:
                 entry.names |= names
                 entry.deadline = deadline
 
-    def observed(self, key: Key, name: str) -> None:
-        """The watch showed ``name`` (or its create call failed: it will never show)."""
+    def observed(self, key: Key, name: str) -> bool:
+        """The watch showed ``name`` (or its create call failed: it will never show); True if
+        ``name`` was awaited."""
         with self._lock:
             entry = self._pending.get(key)
-            if entry is not None:
-                entry.names.discard(name)
-                if not entry.names:
-                    del self._pending[key]
+            if entry is None or name not in entry.names:
+                return False
+            entry.names.discard(name)
+            if not entry.names:
+                del self._pending[key]
+            return True
 
     def satisfied(self, key: Key) -> float | None:
         """None when the cache can be trusted for ``key``; else seconds until the wait times out."""
@@ -180,6 +207,97 @@ class Expectations:
     def clear(self, key: Key) -> None:
         with self._lock:
             self._pending.pop(key, None)
+
+
+class Versions:
+    """The resourceVersion last seen of each object (by uid), to tell which objects of a
+    re-listing changed while their watch was down.
+
+    Why: after a watch stream breaks and cannot resume (410 Gone: its resourceVersion was
+    compacted), kopf lists again and hands every object to the handlers as a listing event (type
+    None), the same as at start-up. At start-up a child's listing needs no pass of its own (each
+    run's listing queues the run); after a re-listing, a child that changed during the gap (a pod
+    that went Running) has no other event that would ever queue its run. Event-loop only.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, str] = {}
+
+    def changed(self, uid: str, version: str) -> bool:
+        """Record ``version``; True if ``uid`` was seen before at another version."""
+        before = self._seen.get(uid)
+        self._seen[uid] = version
+        return before is not None and before != version
+
+    def forget(self, uid: str) -> None:
+        self._seen.pop(uid, None)
+
+    def seen(self, uid: str) -> bool:
+        return uid in self._seen
+
+    def version(self, uid: str) -> int:
+        """The last version seen as an int (etcd's revision), -1 if unknown."""
+        try:
+            return int(self._seen.get(uid) or -1)
+        except ValueError:
+            return -1
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class EndlessBackoffs:
+    """Delays for kopf's retries of API errors that never run out (``networking.error_backoffs``).
+
+    Why: kopf retries a request failing with 5xx (or 403, a refused connection) with the delays
+    it is given and then raises; for a watch stream that error ends the operator (kopf's default,
+    1+1+2+...+21 s, is 54 s: measured, an API server answering 503 for 55 s made the operator
+    exit 1). An API server that answers 5xx for a minute (etcd away, an overloaded apiserver) is
+    an outage to wait out, as a refused connection already is. Iterable but not ``Sized``: kopf
+    then counts no last attempt, and every request iterates afresh.
+    """
+
+    def __init__(self, first: Iterable[float] = (1, 1, 2, 3, 5, 8, 13, 21), then: float = 30.0) -> None:
+        self.first, self.then = tuple(first), then
+
+    def __iter__(self) -> Iterator[float]:
+        yield from self.first
+        while True:
+            yield self.then
+
+
+def find_ghosts(
+    cached: Iterable[tuple[Key, str, int]], listed: Iterable[str], listed_at: int
+) -> list[tuple[Key, str]]:
+    """``(key, uid)`` of cached objects that a fresh LIST (at resourceVersion ``listed_at``)
+    does not show and that are not newer than that LIST: deleted while their watch was down.
+
+    Why: kopf re-lists after a watch cannot resume (410) but never drops from its indexes the
+    objects that the re-listing no longer shows (client-go's informers do, with
+    ``DeletedFinalStateUnknown``); a Service deleted during the gap would stay "present" in the
+    cache for good and never be recreated. Objects newer than the LIST came after it: not ghosts.
+    """
+    shown = set(listed)
+    return [(key, uid) for key, uid, version in cached if uid not in shown and 0 <= version <= listed_at]
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """The ``Retry-After`` header's delay in seconds (delta-seconds or an HTTP date; RFC 9110),
+    None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 class Outage:

@@ -6,12 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kubearch_operator import refusals
 from kubearch_operator.api import parse_status
-from kubearch_operator.workqueue import Expectations, Outage, WorkQueue
+from kubearch_operator.workqueue import (
+    EndlessBackoffs,
+    Expectations,
+    Outage,
+    Versions,
+    WorkQueue,
+    find_ghosts,
+    retry_after_seconds,
+)
 
 
 def run(coro):
@@ -71,6 +79,94 @@ def test_retry_backs_off_exponentially_and_forget_resets_it() -> None:
         assert q.pending_timers() == 0
 
     run(go())
+
+
+def test_retry_after_holds_the_key_even_against_events() -> None:
+    """A 429 with Retry-After: neither the back-off nor an event runs the key sooner."""
+
+    async def go() -> None:
+        q = WorkQueue(base_delay=0.01)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert q.retry("a", at_least=0.3) == 0.3
+        q.add("a")  # e.g. the run's own status write comes back as a watch event
+        q.add("b")
+        assert (await asyncio.wait_for(q.get(), 1))[0] == "b"  # other keys are not held
+        key, _ = await asyncio.wait_for(q.get(), 2)
+        assert key == "a" and loop.time() - start >= 0.3
+        q.done("a")
+        q.add("a")  # the hold is over: at once
+        assert (await asyncio.wait_for(q.get(), 0.05))[0] == "a"
+
+    run(go())
+
+
+def test_retry_without_retry_after_holds_nothing() -> None:
+    async def go() -> None:
+        q = WorkQueue(base_delay=5.0)
+        q.retry("a")
+        q.add("a")  # an event during the back-off runs the key now (client-go does the same)
+        assert (await asyncio.wait_for(q.get(), 0.05))[0] == "a"
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("2", 2.0), (" 7 ", 7.0), ("-3", 0.0), ("", None), (None, None), ("soon", None)],
+)
+def test_retry_after_header_in_seconds(header: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(header) == seconds
+
+
+def test_retry_after_header_as_an_http_date() -> None:
+    from email.utils import format_datetime
+
+    when = format_datetime(datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=30), usegmt=True)
+    assert 28 <= (retry_after_seconds(when) or 0) <= 30
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: now
+
+
+def test_versions_tell_a_relisted_object_that_changed_from_one_that_did_not() -> None:
+    v = Versions()
+    assert not v.changed("u1", "10")  # first sight (start-up listing): nothing to compare
+    assert not v.changed("u1", "10")  # relisted unchanged
+    assert v.changed("u1", "12")  # changed while the watch was down
+    v.forget("u1")
+    assert not v.changed("u1", "15") and len(v) == 1
+
+
+def test_ghosts_are_cached_objects_a_fresh_list_no_longer_shows() -> None:
+    cached = [
+        ("run-a", "u1", 10),  # listed: alive
+        ("run-a", "u2", 11),  # not listed, older than the list: deleted while the watch was down
+        ("run-b", "u3", 30),  # not listed, newer than the list: created after it, alive
+        ("run-b", "u4", -1),  # version unknown: not judged
+    ]
+    assert find_ghosts(cached, {"u1"}, listed_at=20) == [("run-a", "u2")]
+    assert find_ghosts(cached, {"u1", "u2", "u3", "u4"}, listed_at=40) == []
+
+
+def test_kopf_retries_api_errors_without_end_and_each_request_afresh() -> None:
+    """kopf gives up after its last delay when the delays are Sized; a watch that gives up ends
+    the operator (a 503 for 55 s did). The delays must not run out, nor be shared between
+    requests (an iterator would be consumed by the first request)."""
+    from collections.abc import Iterable, Sized
+    from itertools import islice
+
+    backoffs = EndlessBackoffs()
+    assert isinstance(backoffs, Iterable) and not isinstance(backoffs, Sized)
+    first = list(islice(backoffs, 200))
+    assert len(first) == 200 and first[:8] == [1, 1, 2, 3, 5, 8, 13, 21] and max(first) == 30.0
+    assert list(islice(backoffs, 3)) == [1, 1, 2]  # a second request starts from the beginning
+
+
+def test_expectations_report_whether_a_name_was_awaited() -> None:
+    exp = Expectations(timeout=30)
+    exp.expect("run", ["p0"])
+    assert not exp.observed("run", "other")
+    assert exp.observed("run", "p0")
+    assert not exp.observed("run", "p0")  # once
 
 
 def test_expectations_wait_for_observed_names_or_the_timeout() -> None:
