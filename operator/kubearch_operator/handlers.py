@@ -649,6 +649,9 @@ def reconcile_run(snap: Snapshot) -> Outcome:
             log.debug("%s/%s: conflict, retrying: %s", *snap.key, err.reason)
         elif err.status == 404:  # the run is gone
             return Outcome(gone=True)
+        elif refusals.namespace_terminating(err.status, err.body):  # the run goes with it
+            log.debug("%s/%s: namespace is being deleted; not retrying", *snap.key)
+            return Outcome(gone=True)
         elif err.status == 429:  # throttled (API Priority and Fairness): wait as long as it says
             wait = retry_after_seconds((err.headers or {}).get("Retry-After")) or 0.0
             ERRORS.labels(kind="throttled").inc()

@@ -27,6 +27,22 @@ TRANSIENT_CODES = frozenset({429, 500, 502, 503, 504})
 REFUSED_REASON = "ObjectRejected"
 
 
+def namespace_terminating(status: int, body: str | bytes | None) -> bool:
+    """A create refused because the run's namespace is being deleted (403 with the status cause
+    ``NamespaceTerminating``). The namespace controller deletes the run next; retrying (and
+    warning) until then is noise — client-go controllers skip this error the same way."""
+    if status != 403 or not body:
+        return False
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    causes = ((data.get("details") or {}).get("causes") or []) if isinstance(data, dict) else []
+    return any(isinstance(c, dict) and c.get("reason") == "NamespaceTerminating" for c in causes)
+
+
 def api_error_details(body: str | bytes | None) -> tuple[str, list[tuple[str, str]]]:
     """(message, [(field, message)...]) from a ``kind: Status`` body; the raw text if not JSON."""
     if isinstance(body, bytes):

@@ -219,20 +219,18 @@ class ControlPlane:
         _write_pki(pki, self.extra_sans)
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
-        self._spawn(
-            "etcd",
-            [
-                "--name=kubearch-test",
-                f"--data-dir={self.workdir / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-cluster=kubearch-test=http://127.0.0.1:{peer_port}",
-                "--unsafe-no-fsync",  # test data: speed over durability
-                "--log-level=warn",
-            ],
-        )
+        self._etcd_args = [
+            "--name=kubearch-test",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+            f"--initial-cluster=kubearch-test=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync",  # test data: speed over durability
+            "--log-level=warn",
+        ]
+        self._spawn("etcd", self._etcd_args)
         (pki / "tokens.csv").write_text(f"{self.token},admin,admin-uid,system:masters\n")
         self._apiserver_args = [
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
@@ -264,6 +262,16 @@ class ControlPlane:
         self.stop_process("kube-apiserver")
         time.sleep(down_seconds)  # the length of the outage itself, not a wait for a condition
         self._spawn("kube-apiserver", self._apiserver_args)
+        self._wait_ready(timeout)
+        self._wait_controllers_back(timeout)
+
+    def restart_etcd(self, down_seconds: float, timeout: float = 90.0) -> None:
+        """An etcd outage under a running kube-apiserver: stop etcd, keep it down ``down_seconds``,
+        start it again on the same ports and data (the API server answers errors meanwhile, its
+        watch caches stall), then wait until the API server reports ready again."""
+        self.stop_process("etcd")
+        time.sleep(down_seconds)  # the length of the outage itself, not a wait for a condition
+        self._spawn("etcd", self._etcd_args)
         self._wait_ready(timeout)
         self._wait_controllers_back(timeout)
 

@@ -9,15 +9,14 @@ the schema cannot express: the API server accepts them and the operator's models
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import apply_probe
 import pytest
 from kubearch_operator.api import parse_spec
 from kubearch_trainer.config import ConfigError
-from kubernetes.client.rest import ApiException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bad_inputs import CASES, GOOD, OPERATOR, SCHEMA, Bad
@@ -26,25 +25,11 @@ GROUP, VERSION, PLURAL = "kubearch.dev", "v1alpha1", "trainingruns"
 
 
 def _create(kube: Any, namespace: str, spec: dict[str, Any]) -> Any:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "TrainingRun",
-        "metadata": {"name": "probe"},
-        "spec": spec,
-    }
-    # kubectl's defaults: strict field validation, here as a server-side dry run
-    return kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, body, dry_run="All", field_validation="Strict"
-    )
+    return apply_probe.create(kube, namespace, PLURAL, "TrainingRun", spec)
 
 
 def _refusal(kube: Any, namespace: str, spec: dict[str, Any]) -> str | None:
-    try:
-        _create(kube, namespace, spec)
-    except ApiException as err:
-        assert err.status in (400, 422), (err.status, err.body[:500])
-        return json.loads(err.body)["message"]
-    return None
+    return apply_probe.refusal(kube, namespace, PLURAL, "TrainingRun", spec)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.layer == SCHEMA], ids=lambda c: c.id)

@@ -15,11 +15,11 @@ protects against.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import apply_probe
 import pytest
 from kubearch_operator import search_builders as sb
 from kubearch_operator.search.api import (
@@ -43,29 +43,12 @@ GROUP, VERSION, PLURAL = "kubearch.dev", "v1alpha1", "architecturesearches"
 AT_MAX = {**GOOD[0], "budget": {"maxTrials": 200, "maxFailedTrials": 50, "parallelTrials": 8}}
 
 
-def _body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "ArchitectureSearch",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-
-
 def _create(kube: Any, namespace: str, spec: dict[str, Any], *, dry_run: bool = True) -> Any:
-    kw = {"dry_run": "All"} if dry_run else {}
-    return kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, _body("probe", spec), field_validation="Strict", **kw
-    )
+    return apply_probe.create(kube, namespace, PLURAL, "ArchitectureSearch", spec, dry_run=dry_run)
 
 
 def _refusal(kube: Any, namespace: str, spec: dict[str, Any]) -> str | None:
-    try:
-        _create(kube, namespace, spec)
-    except ApiException as err:
-        assert err.status in (400, 422), (err.status, err.body[:500])
-        return json.loads(err.body)["message"]
-    return None
+    return apply_probe.refusal(kube, namespace, PLURAL, "ArchitectureSearch", spec)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.layer == SCHEMA], ids=lambda c: c.id)

@@ -2,13 +2,12 @@
 
 Each test reproduces one failure an outside review found: an object the API server refuses, a
 child left by an earlier run of the same name, a deleted child, a deletion while the operator is
-down, a spec too large for kopf's annotations, the API server going away. No test sleeps in place
-of a condition; the only sleep is the outage's own length. SIGKILLs: test_operator_kills.py.
+down, a spec too large for kopf's annotations. No test sleeps in place of a condition. SIGKILLs:
+test_operator_kills.py; API-server and etcd outages, mass deletion: test_operator_outages.py.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
@@ -307,25 +306,3 @@ def test_a_spec_larger_than_the_annotation_limit_is_refused_or_handled(
 # ------------------------------------------------------------------------------------------------
 # the API server goes away
 # ------------------------------------------------------------------------------------------------
-def test_api_server_outage_is_logged_once_and_new_runs_get_pods_after_it(
-    installed, operator, namespace: str
-) -> None:
-    plane = installed.local
-    if plane is None:
-        pytest.skip("stopping the API server needs the local control plane (not --cluster)")
-    kube, ns = installed, namespace
-    for i in range(10):  # runs at rest during the outage: their number must not multiply the log
-        create_run(kube, ns, f"idle-{i}", spec(nodes=1))
-    for i in range(10):
-        wait_pods(kube, ns, f"idle-{i}", 1)
-    before = operator.log_path.read_text(errors="replace")
-    plane.restart_apiserver(down_seconds=20)
-    create_run(kube, ns, "after-outage", spec(nodes=1))
-    wait_pods(kube, ns, "after-outage", 1, timeout=60)
-    assert operator.proc is not None and operator.proc.poll() is None, "the operator died"
-    during = operator.log_path.read_text(errors="replace")[len(before) :]
-    assert "Traceback" not in during, during[-3000:]
-    lines = [ln for ln in during.splitlines() if re.search(r"ERROR|WARNING", ln)]
-    # kopf's watch streams (a handful of resources) retry with back-off; the ten runs add nothing.
-    assert len(lines) < 60, "\n".join(lines[-80:])
-    assert not any("idle-" in ln for ln in lines), "\n".join(ln for ln in lines if "idle-" in ln)

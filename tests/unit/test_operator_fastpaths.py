@@ -179,3 +179,33 @@ def test_the_echo_of_our_own_status_write_queues_no_pass(monkeypatch) -> None:
     assert "managedFields" not in handlers._state.runs[key]["metadata"]
     assert handlers._store_run(key, run("u1", "13", "Running")) is True  # someone else's change
     assert handlers._store_run(key, run("u2", "5", "")) is True  # replaced by a new run
+
+
+def test_namespace_terminating_is_told_apart_from_other_403s() -> None:
+    """The API server's words for a create in a namespace being deleted (a 403 with a cause)."""
+    from kubearch_operator.refusals import namespace_terminating
+
+    message = 'services "r" is forbidden: unable to create new content in namespace t'
+    message += " because it is being terminated"
+    cause = {
+        "reason": "NamespaceTerminating",
+        "message": "namespace t is being terminated",
+        "field": "metadata.namespace",
+    }
+    terminating = json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "reason": "Forbidden",
+            "code": 403,
+            "message": message,
+            "details": {"name": "r", "kind": "services", "causes": [cause]},
+        }
+    )
+    rbac = json.dumps({"kind": "Status", "code": 403, "reason": "Forbidden", "message": "no", "details": {}})
+    assert namespace_terminating(403, terminating) is True
+    assert namespace_terminating(403, terminating.encode()) is True
+    assert namespace_terminating(403, rbac) is False  # RBAC: a real error, keep warning
+    assert namespace_terminating(409, terminating) is False
+    assert namespace_terminating(403, "not json") is False
