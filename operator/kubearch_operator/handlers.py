@@ -92,10 +92,10 @@ log = logging.getLogger("kubearch.operator")
 RESYNC_SECONDS = float(os.environ.get("KUBEARCH_RESYNC_SECONDS", "600"))
 WORKERS = max(1, int(os.environ.get("KUBEARCH_WORKERS", "8")))
 METRICS_PORT = int(os.environ.get("KUBEARCH_OPERATOR_METRICS_PORT", "8000"))
-#: Period (seconds) of the fallback sweep for children deleted while their watch was down (one
-#: LIST per child kind); 0 disables it. A re-listing that shows a known child sweeps at once.
 #: Accept header of a metadata-only LIST (the API server answers a PartialObjectMetadataList).
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+#: Period (seconds) of the fallback sweep for children deleted while their watch was down (one
+#: LIST per child kind); 0 disables it. A re-listing that shows a known child sweeps at once.
 GHOST_SWEEP_SECONDS = float(os.environ.get("KUBEARCH_GHOST_SWEEP_SECONDS", "300"))
 
 RECONCILES = Counter("kubearch_operator_reconcile_total", "Reconcile passes by result.", ["result"])
@@ -224,7 +224,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 
 def check_handler_kinds(registry: Any) -> None:
-    """Fail fast if a handler needs what :class:`NoDiffBase` leaves out (or a finalizer)."""
+    """Fail fast if a registered handler needs what :class:`NoDiffBase` leaves out: change
+    detection (on.create/update/resume/field) or the diff base of daemons and timers."""
     changing = list(registry._changing.get_all_handlers())
     spawning = list(registry._spawning.get_all_handlers())
     if changing or spawning:

@@ -108,6 +108,21 @@ def warnings(log: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # 500 / 503 on pod creation
 # ------------------------------------------------------------------------------------------------
+
+
+def next_trial_with_pod(kube: Any, ns: str, search: str, done: set[str]) -> dict[str, Any]:
+    """Wait for an unfinished trial of ``search``, not in ``done``, whose pod exists."""
+
+    def ready() -> dict[str, Any] | None:
+        for t in unfinished(kube, ns, search):
+            trial = t["metadata"]["name"]
+            if trial not in done and pods(kube, ns, trial):
+                return t
+        return None
+
+    return wait_for(ready, timeout=30, what=f"a new trial with its pod (done: {sorted(done)})")
+
+
 def test_pod_creation_failing_for_a_while_ends_with_exactly_the_runs_children(
     installed, proxied: Any, faults: FaultProxy, namespace: str
 ) -> None:
@@ -254,15 +269,7 @@ def test_search_creates_each_trial_once_when_watch_streams_are_cut(
     cut(faults)  # while the first trials are created
     done: set[str] = set()
     while len(done) < len(values):
-
-        def ready() -> dict[str, Any] | None:
-            for t in unfinished(kube, ns, name):
-                trial = t["metadata"]["name"]
-                if trial not in done and pods(kube, ns, trial):
-                    return t
-            return None
-
-        trial = wait_for(ready, timeout=30, what=f"a new trial with its pod (done: {sorted(done)})")
+        trial = next_trial_with_pod(kube, ns, name, done)
         trial_name = trial["metadata"]["name"]
         if len(done) % 2:  # only the trials' stream, resumed into 410: the search must see the
             cut(faults, "/trainingruns$", refuse_for=1.0, expire=True)  # re-listing alone
@@ -323,15 +330,7 @@ def test_search_creates_each_trial_once_when_creates_fail_or_their_answer_is_los
     create_search(kube, ns, name, spec_)
     done: set[str] = set()
     while len(done) < len(values):
-
-        def ready() -> dict[str, Any] | None:
-            for t in unfinished(kube, ns, name):
-                trial = t["metadata"]["name"]
-                if trial not in done and pods(kube, ns, trial):
-                    return t
-            return None
-
-        trial = wait_for(ready, timeout=30, what=f"a new trial with its pod (done: {sorted(done)})")
+        trial = next_trial_with_pod(kube, ns, name, done)
         succeed(kube, ns, trial["metadata"]["name"], 10, 1.0 + len(done))
         done.add(trial["metadata"]["name"])
     status = wait_search_phase(kube, ns, name, "Succeeded")
